@@ -1,0 +1,83 @@
+"""corral's exceptions: one root, programmer misuse kept apart from runtime failures.
+
+Every error carries structured fields and survives pickling (they cross process boundaries).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CorralError(Exception):
+    """Root of every error corral raises."""
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = fields
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self.fields))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _rebuild(cls: type[CorralError], message: str, fields: dict[str, Any]) -> CorralError:
+    err = cls.__new__(cls)
+    CorralError.__init__(err, message, **fields)
+    return err
+
+
+class UsageError(CorralError):
+    """The program used corral wrongly: fix the code or the command line."""
+
+
+class WorkflowNotFound(UsageError):
+    """A workflow reference points at no file, module or function."""
+
+
+class InvalidInput(UsageError):
+    """A run's input does not validate against the workflow's input type."""
+
+
+class RunNotFound(CorralError):
+    """No run has this id."""
+
+
+class RunConflict(CorralError):
+    """A run id was submitted again with another workflow or input."""
+
+
+class RunFinished(CorralError):
+    """The run has already finished: it takes no more signals."""
+
+
+class StoreError(CorralError):
+    """The store cannot be used: corrupted, locked, or written by an unknown version."""
+
+
+class NonDeterminismError(CorralError):
+    """Replay found workflow code that does not match the run's journal."""
+
+
+class StepFailed(CorralError):
+    """A step failed after its retries; ``error_type`` and ``error`` describe the last attempt."""
+
+
+class RunFailed(CorralError):
+    """A run (or a child run) ended with an error."""
+
+
+class RunCancelled(CorralError):
+    """A run (or a child run) was cancelled."""
+
+
+class SignalTimeout(CorralError, TimeoutError):
+    """``Context.wait_for`` reached its timeout with no signal and no default."""
+
+
+class NonRetryable(CorralError):
+    """Raise from a step to fail it at once, without further attempts."""

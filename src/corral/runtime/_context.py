@@ -1,0 +1,154 @@
+"""The workflow's view of its run: durable time, randomness, timers, signals and child runs.
+
+Every operation takes a key from its task's scope: the Nth operation of a task, under the key of
+the operation that created the task. Tasks created by ``asyncio.gather`` or a ``TaskGroup`` get
+their scope from a task factory, in creation order, so keys do not depend on the order in which
+parallel branches happen to finish, and replay finds each result where it was recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import random
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .._errors import UsageError
+from ._definitions import Workflow, current_scope
+
+if TYPE_CHECKING:
+    from ._engine import _Run
+
+O = TypeVar("O")  # noqa: E741
+
+MISSING: Any = object()
+
+
+class _Scope:
+    __slots__ = ("n", "prefix", "run")
+
+    def __init__(self, run: _Run, prefix: str) -> None:
+        self.run = run
+        self.prefix = prefix
+        self.n = 0
+
+    def next(self) -> str:
+        key = f"{self.prefix}{self.n}"
+        self.n += 1
+        return key
+
+
+def task_factory(
+    loop: asyncio.AbstractEventLoop, coro: Any, *, context: contextvars.Context | None = None
+) -> asyncio.Task[Any]:
+    """Give each task created inside a workflow its own deterministic scope."""
+    if context is None:
+        scope = current_scope.get()
+        if scope is not None:
+            context = contextvars.copy_context()
+            context.run(current_scope.set, _Scope(scope.run, scope.next() + "/"))
+            scope.run.activity += 1
+    if context is None:
+        return asyncio.Task(coro, loop=loop)
+    return asyncio.Task(coro, loop=loop, context=context)
+
+
+def _seconds(duration: float | timedelta) -> float:
+    seconds = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
+    if seconds < 0:
+        raise UsageError(f"a duration must not be negative, got {seconds:g}s")
+    return seconds
+
+
+class Context:
+    """Passed to every workflow as its first argument."""
+
+    __slots__ = ("_rng", "_run")
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+        self._rng = random.Random(run.id)
+
+    def _scope(self, what: str) -> _Scope:
+        scope = current_scope.get()
+        if scope is None or scope.run is not self._run:
+            raise UsageError(
+                f"ctx.{what} can only be used in the workflow's own code, not inside a step "
+                "or another run; move the call into the workflow function"
+            )
+        return scope
+
+    @property
+    def run_id(self) -> str:
+        return self._run.id
+
+    @property
+    def workflow(self) -> str:
+        return self._run.record.workflow
+
+    @property
+    def parent_id(self) -> str | None:
+        return self._run.record.parent_id
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._run.cancel_requested
+
+    def now(self) -> datetime:
+        """The current time, recorded on first execution and the same on every replay."""
+        return self._run.now(self._scope("now()"))
+
+    def random(self) -> random.Random:
+        """A random generator seeded by the run id: the same sequence on every replay."""
+        self._scope("random()")
+        return self._rng
+
+    def uuid4(self) -> uuid.UUID:
+        """A random UUID that is the same on every replay."""
+        self._scope("uuid4()")
+        return uuid.UUID(int=self._rng.getrandbits(128), version=4)
+
+    async def sleep(self, duration: float | timedelta) -> None:
+        """A durable timer: survives crashes and restarts, and costs no memory while long."""
+        await self._run.sleep(self._scope("sleep()"), _seconds(duration))
+
+    async def wait_for(
+        self,
+        name: str,
+        *,
+        timeout: float | timedelta | None = None,
+        default: Any = MISSING,
+        type: Any = Any,
+    ) -> Any:
+        """Wait for the signal ``name`` and return its value (validated as ``type``).
+
+        Signals sent before the wait are buffered. On timeout return ``default`` if given,
+        otherwise raise `corral.SignalTimeout`.
+        """
+        seconds = None if timeout is None else _seconds(timeout)
+        return await self._run.wait_for(self._scope("wait_for()"), name, seconds, default, type)
+
+    async def run_child(
+        self,
+        workflow: Workflow[Any, O],
+        input: Any = None,
+        *,
+        id: str | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+    ) -> O:
+        """Run another workflow as a child run and return its output.
+
+        The child is a run of its own (its own journal, visible in ``corral runs``), started
+        exactly once; cancelling the parent cancels it. A failed child raises `RunFailed`.
+        """
+        scope = self._scope("run_child()")
+        value = workflow.validate_input(input)
+        result: O = await self._run.run_child(scope, workflow, value, id, queue, priority)
+        return result
+
+
+def utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)

@@ -1,0 +1,889 @@
+"""The embedded engine: claims due runs, executes them in this process, journals every result.
+
+A run's workflow function executes as an asyncio task. Each durable operation (step, timer,
+signal wait, child run, clock read) has a key (see `_context`); its outcome is appended to the
+journal, and after a crash the function is executed again with recorded outcomes returned
+instead of re-executed. Writes from all runs are group-committed by one writer (`_Writer`) on a
+single store thread, so thousands of concurrent runs share each fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+import traceback
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from hashlib import blake2b
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from .._errors import (
+    CorralError,
+    NonDeterminismError,
+    RunCancelled,
+    RunFailed,
+    SignalTimeout,
+    StepFailed,
+    UsageError,
+)
+from .._serde import PydanticSerializationError, dumps, loads
+from ..stores import Batch, Claimed, JournalEntry, RunRecord, RunSpec, Signal, SQLiteStore, Store
+from ._context import MISSING, Context, _Scope, task_factory, utc
+from ._definitions import Step, Workflow, current_scope, resolve
+
+log = logging.getLogger("corral.runtime")
+
+O = TypeVar("O")  # noqa: E741
+T = TypeVar("T")
+
+DEFAULT_DB = ".corral/corral.db"
+
+
+class _Evicted(BaseException):
+    """Unwinds a run out of memory (idle, shutting down, or its store failed); not an error."""
+
+
+class _Waiter:
+    __slots__ = ("deadline", "future", "names", "timer")
+
+    def __init__(self, future: asyncio.Future[Signal | None], names: tuple[str, ...],
+                 deadline: float | None) -> None:
+        self.future = future
+        self.names = names
+        self.deadline = deadline
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class _Run:
+    """A run live in this process."""
+
+    def __init__(self, rt: Runtime, claimed: Claimed, wf: Workflow[Any, Any]) -> None:
+        self.rt = rt
+        self.record = claimed.run
+        self.id = claimed.run.id
+        self.wf = wf
+        self.journal = claimed.journal
+        self.inbox: dict[str, deque[Signal]] = {}
+        self.seen: set[int] = set()
+        self.waiters: dict[str, deque[_Waiter]] = {}
+        self.waits: dict[str, _Waiter] = {}
+        self.busy = 0
+        self.activity = 0
+        self.cancel_requested = claimed.run.cancel_requested
+        self.cancel_delivered = False
+        self.started = False
+        self.finalizing = False
+        self.evicting = False
+        self.idle_check: asyncio.TimerHandle | None = None
+        self.broken: NonDeterminismError | None = None
+        self.wake: tuple[float | None, tuple[str, ...]] | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.ctx = Context(self)
+        for signal in claimed.signals:
+            self.deliver(signal)
+
+    # -- the journal ------------------------------------------------------------------------
+
+    def _begin(self, key: str, kind: str, name: str) -> JournalEntry | None:
+        if self.broken is not None:
+            raise self.broken
+        entry = self.journal.get(key)
+        if entry is not None and (entry.kind != kind or entry.name != name):
+            self.broken = NonDeterminismError(
+                f"run {self.id!r} is not deterministic: at operation {key} its journal recorded "
+                f"{entry.kind} {entry.name!r} but the workflow now calls {kind} {name!r}; "
+                "workflow code must make the same calls in the same order on replay (use steps "
+                "and ctx.now()/ctx.random() for anything that varies); restore the code the run "
+                "started with, or cancel the run",
+                run_id=self.id,
+                key=key,
+            )
+            raise self.broken
+        if entry is None or entry.status == "pending":
+            if self.evicting:
+                raise _Evicted()
+            if self.cancel_requested and not self.cancel_delivered:
+                self.cancel_delivered = True
+                if asyncio.current_task() is not self.task and self.task is not None:
+                    self.task.cancel()
+                raise asyncio.CancelledError()
+        return entry
+
+    def _write(self, key: str, kind: str, name: str, status: str, value: str | bytes | None,
+               started: float, ended: float | None, attempts: int = 1) -> asyncio.Future[None]:
+        self.activity += 1
+        return self.rt._writer.journal(
+            (self.id, key, kind, name, status, value, started, ended, attempts)
+        )
+
+    async def _commit(self, future: asyncio.Future[None]) -> None:
+        try:
+            await future
+        except CorralError as exc:
+            log.error("run %s: cannot write its journal (%s); releasing it", self.id, exc)
+            self.evicting = True
+            raise _Evicted() from exc
+
+    # -- operations -------------------------------------------------------------------------
+
+    async def step(self, step: Step[Any, Any], scope: _Scope, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+        key = scope.next()
+        entry = self._begin(key, "step", step.name)
+        if entry is not None:
+            if entry.status == "ok":
+                return loads(entry.value, step.returns)
+            raise _step_error(entry)
+        self.busy += 1
+        started = time.time()
+        try:
+            failure: StepFailed | None = None
+            token = current_scope.set(None)  # the body is not workflow code
+            try:
+                value, attempts = await step.attempt(args, kwargs, f"{self.id}/{key}")
+                data = dumps(value)
+            except StepFailed as exc:
+                failure = exc
+            except PydanticSerializationError as exc:
+                failure = StepFailed(
+                    f"step {step.name!r} returned a value corral cannot store as JSON ({exc}); "
+                    "return JSON-compatible data, a dataclass or a pydantic model",
+                    step=step.name, error_type="SerializationError", error=str(exc), attempts=1,
+                )
+            except asyncio.CancelledError:
+                if self.evicting:
+                    raise _Evicted() from None
+                raise
+            finally:
+                current_scope.reset(token)
+            if failure is None:
+                await self._commit(self._write(key, "step", step.name, "ok", data, started,
+                                               time.time(), attempts))
+                return value
+            error = json.dumps({"type": failure.error_type, "message": failure.error,
+                                "attempts": failure.attempts})
+            await self._commit(self._write(key, "step", step.name, "error", error, started,
+                                           time.time(), failure.attempts))
+            raise failure
+        finally:
+            self.busy -= 1
+            self.activity += 1
+
+    def now(self, scope: _Scope) -> datetime:
+        key = scope.next()
+        entry = self._begin(key, "now", "now")
+        if entry is not None and entry.status == "ok":
+            return utc(float(entry.value or 0))
+        now = time.time()
+        self._write(key, "now", "now", "ok", repr(now), now, now)
+        return utc(now)
+
+    async def sleep(self, scope: _Scope, seconds: float) -> None:
+        key = scope.next()
+        entry = self._begin(key, "sleep", "sleep")
+        if entry is not None and entry.status == "ok":
+            return
+        now = time.time()
+        if entry is None:
+            started, fire_at = now, now + seconds
+            self._write(key, "sleep", "sleep", "pending", json.dumps({"fire_at": fire_at}),
+                        started, None)
+        else:
+            started, fire_at = entry.started_at, json.loads(entry.value or "{}")["fire_at"]
+        if fire_at > now:
+            await self._wait(key, (), fire_at)
+        self._write(key, "sleep", "sleep", "ok", json.dumps({"fire_at": fire_at}), started,
+                    time.time())
+
+    async def wait_for(self, scope: _Scope, name: str, timeout: float | None, default: Any,
+                       tp: Any) -> Any:
+        key = scope.next()
+        entry = self._begin(key, "wait", name)
+        if entry is None or entry.status == "pending":
+            outcome = await self._receive(key, "wait", name, name, entry, timeout)
+        else:
+            outcome = entry.value or "{}"
+        record = json.loads(outcome)
+        if record.get("timeout"):
+            if default is not MISSING:
+                return default
+            raise SignalTimeout(
+                f"run {self.id!r}: no signal {name!r} within {timeout:g}s", run_id=self.id,
+                signal=name,
+            )
+        if tp is Any:
+            return record["value"]
+        from .._serde import adapter
+
+        return adapter(tp).validate_python(record["value"])
+
+    async def _receive(self, key: str, kind: str, name: str, signal_name: str,
+                       entry: JournalEntry | None, timeout: float | None,
+                       pending: str | None = None) -> str:
+        """Wait for the signal ``signal_name``; journal and return its outcome as JSON."""
+        now = time.time()
+        if entry is None:
+            started = now
+            deadline = None if timeout is None else now + timeout
+            self._write(key, kind, name, "pending",
+                        pending or json.dumps({"deadline": deadline}), started, None)
+        else:
+            started = entry.started_at
+            deadline = json.loads(entry.value or "{}").get("deadline")
+        signal = self._take(signal_name)
+        if signal is None and (deadline is None or deadline > now):
+            signal = await self._wait(key, (signal_name,), deadline)
+        self.busy += 1
+        try:
+            if signal is None:
+                outcome = '{"timeout":true}'
+            else:
+                outcome = f'{{"seq":{signal.seq},"value":{signal.payload}}}'
+                self.rt._writer.batch.consumed.append((f"{self.id}/{key}", signal.seq))
+            await self._commit(self._write(key, kind, name, "ok", outcome, started, time.time()))
+            return outcome
+        finally:
+            self.busy -= 1
+
+    async def run_child(self, scope: _Scope, wf: Workflow[Any, Any], value: Any,
+                        child_id: str | None, queue: str | None, priority: int | None) -> Any:
+        key = scope.next()
+        entry = self._begin(key, "child", wf.name)
+        if entry is None or entry.status == "pending":
+            if entry is None:
+                child_id = child_id or f"{self.id}/{key}"
+                spec = self.rt._spec(wf, value, child_id, queue or self.record.queue,
+                                     self.record.priority if priority is None else priority,
+                                     time.time(), None, None, parent_id=self.id)
+                self.rt._writer.batch.new_runs.append(spec)
+            else:
+                child_id = json.loads(entry.value or "{}")["id"]
+            pending = json.dumps({"id": child_id})
+            outcome = await self._receive(key, "child", wf.name, f"$child:{child_id}", entry,
+                                          None, pending)
+        else:
+            outcome = entry.value or "{}"
+        record = json.loads(outcome)["value"]
+        if record["status"] == "completed":
+            return loads(json.dumps(record["result"]), wf.output_type)
+        child = record["id"]
+        if record["status"] == "cancelled":
+            raise RunCancelled(f"child run {child!r} was cancelled", run_id=child)
+        error = record["error"] or {}
+        raise RunFailed(
+            f"child run {child!r} failed: {error.get('type')}: {error.get('message')}",
+            run_id=child, error_type=error.get("type"), error=error.get("message"),
+        )
+
+    # -- waiting ----------------------------------------------------------------------------
+
+    def deliver(self, signal: Signal) -> None:
+        if signal.seq in self.seen:
+            return
+        self.seen.add(signal.seq)
+        waiters = self.waiters.get(signal.name)
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_result(signal)
+                return
+        self.inbox.setdefault(signal.name, deque()).append(signal)
+
+    def _take(self, name: str) -> Signal | None:
+        queue = self.inbox.get(name)
+        return queue.popleft() if queue else None
+
+    async def _wait(self, key: str, names: tuple[str, ...], deadline: float | None
+                    ) -> Signal | None:
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.create_future(), names, deadline)
+        for name in names:
+            self.waiters.setdefault(name, deque()).append(waiter)
+        if deadline is not None:
+            waiter.timer = loop.call_later(max(0.0, deadline - time.time()), _expire, waiter)
+        self.waits[key] = waiter
+        self.activity += 1
+        self.rt._watch_idle(self)
+        try:
+            return await waiter.future
+        finally:
+            del self.waits[key]
+            if waiter.timer is not None:
+                waiter.timer.cancel()
+            for name in names:
+                queue = self.waiters.get(name)
+                if queue and waiter in queue:
+                    queue.remove(waiter)
+            self.activity += 1
+
+    @property
+    def idle(self) -> bool:
+        return self.busy == 0 and bool(self.waits) and not self.finalizing
+
+    def evict(self) -> tuple[float | None, tuple[str, ...]]:
+        """Unwind the run out of memory; return when it wakes and which signals wake it."""
+        deadlines = [w.deadline for w in self.waits.values()]
+        wake = None if None in deadlines else min(d for d in deadlines if d is not None)
+        names = tuple(sorted({n for w in self.waits.values() for n in w.names}))
+        self.evicting = True
+        self.wake = (wake, names)
+        for waiter in list(self.waits.values()):
+            if not waiter.future.done():
+                waiter.future.set_exception(_Evicted())
+        return wake, names
+
+
+def _expire(waiter: _Waiter) -> None:
+    if not waiter.future.done():
+        waiter.future.set_result(None)
+
+
+def _step_error(entry: JournalEntry) -> StepFailed:
+    error = json.loads(entry.value or "{}")
+    return StepFailed(
+        f"step {entry.name!r} failed after {entry.attempts} attempt"
+        f"{'s' if entry.attempts > 1 else ''}: {error.get('type')}: {error.get('message')}",
+        step=entry.name, error_type=error.get("type"), error=error.get("message"),
+        attempts=entry.attempts,
+    )
+
+
+class _Writer:
+    """Group commit: writes from every run accumulate while the previous batch commits."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+        self.batch = Batch()
+        self._future: asyncio.Future[None] | None = None
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task = asyncio.get_running_loop().create_task(
+            self._loop(), context=contextvars.Context()
+        )
+
+    def pending(self) -> asyncio.Future[None]:
+        """The future of the batch being filled; resolved when it is committed."""
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+            self._future.add_done_callback(_consume)
+            self._wakeup.set()
+            self._idle.clear()
+        return self._future
+
+    def journal(self, row: Any) -> asyncio.Future[None]:
+        self.batch.journal.append(row)
+        return self.pending()
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            batch, future = self.batch, self._future
+            self.batch, self._future = Batch(), None
+            if future is None:
+                self._idle.set()
+                continue
+            try:
+                await self._rt._call(self._rt.store.apply, batch, time.time())
+            except Exception as exc:  # the store failed: every waiter learns it
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
+                if batch.signals or batch.finished:
+                    self._rt._wake.set()
+            if self._future is None:
+                self._idle.set()
+
+    async def flush(self) -> None:
+        await self.pending()
+
+    async def close(self) -> None:
+        await self._idle.wait()
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+
+
+def _consume(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class RunHandle(Generic[O]):
+    """A submitted run: wait for its result, signal it, cancel it, look at it."""
+
+    def __init__(self, rt: Runtime, run_id: str, output_type: Any = Any) -> None:
+        self._rt = rt
+        self.id = run_id
+        self._output_type = output_type
+
+    def __repr__(self) -> str:
+        return f"RunHandle({self.id!r})"
+
+    async def describe(self) -> RunRecord:
+        return await self._rt._call(self._rt.store.get_run, self.id)
+
+    async def result(self, timeout: float | None = None) -> O:
+        """Wait for the run to finish; return its output, or raise RunFailed / RunCancelled."""
+        async with asyncio.timeout(timeout):
+            record = await self._rt._finished(self.id)
+        if record.status == "completed":
+            value: O = loads(record.result, self._output_type)
+            return value
+        if record.status == "cancelled":
+            raise RunCancelled(f"run {self.id!r} was cancelled", run_id=self.id)
+        error = json.loads(record.error or "{}")
+        raise RunFailed(
+            f"run {self.id!r} failed: {error.get('type')}: {error.get('message')}",
+            run_id=self.id, error_type=error.get("type"), error=error.get("message"),
+        )
+
+    async def signal(self, name: str, value: Any = None) -> None:
+        await self._rt.signal(self.id, name, value)
+
+    async def cancel(self) -> None:
+        await self._rt.cancel(self.id)
+
+
+class Runtime:
+    """The embedded runtime: a store plus, unless ``worker=False``, a worker in this process.
+
+    Use it as ``async with Runtime() as rt:``. ``db`` is a SQLite path (default
+    ``.corral/corral.db``) or a `Store`.
+    """
+
+    def __init__(
+        self,
+        db: str | os.PathLike[str] | Store = DEFAULT_DB,
+        *,
+        worker: bool = True,
+        queues: tuple[str, ...] = ("default",),
+        max_runs: int = 1000,
+        poll_interval: float = 0.05,
+        idle_after: float = 5.0,
+        durability: str = "full",
+    ) -> None:
+        if isinstance(db, Store):
+            self.store: Store = db
+            self._path: str | None = getattr(db, "path", None)
+            self._owns_store = False
+        else:
+            self._owns_store = True
+            self._path = os.fspath(db)
+            self.store = SQLiteStore(self._path, durability=durability)
+        self.worker = worker
+        self.queues = list(queues)
+        self.max_runs = max_runs
+        self.poll_interval = poll_interval
+        self.idle_after = idle_after
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-store")
+        self._live: dict[str, _Run] = {}
+        self._done: dict[str, asyncio.Event] = {}
+        self._signal_seq = 0
+        self._next_recovery = 0.0
+        self._closing = False
+        self._lock_fd: int | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._previous_factory: Any = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Runtime:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._ticked = asyncio.Condition()
+        self._ticks = 0
+        self._claimed_last = 1
+        self._events = 0
+        self._writer = _Writer(self)
+        self._previous_factory = loop.get_task_factory()
+        if self._previous_factory not in (None, task_factory):
+            raise UsageError("corral needs the event loop's task factory; another one is set")
+        loop.set_task_factory(task_factory)  # type: ignore[arg-type]
+        if self.worker:
+            self._take_lock()
+            self._signal_seq = (await self._call(self.store.signals_since, 0, self.id))[1]
+            self._loop_task = loop.create_task(self._work(), context=contextvars.Context())
+
+    async def close(self) -> None:
+        """Stop working: runs in memory go back to the store, to resume wherever a worker is."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+        await self._evict(list(self._live.values()), force=True)
+        await self._writer.close()
+        asyncio.get_running_loop().set_task_factory(self._previous_factory)
+        self._release_lock()
+        self._executor.shutdown(wait=True)
+        if self._owns_store:
+            self.store.close()
+
+    def _lock_dir(self) -> Path | None:
+        if not self._path or self._path == ":memory:":
+            return None
+        return Path(self._path + "-workers")
+
+    def _take_lock(self) -> None:
+        folder = self._lock_dir()
+        if folder is None:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(folder / f"{self.id}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _release_lock(self) -> None:
+        folder = self._lock_dir()
+        if self._lock_fd is None or folder is None:
+            return
+        (folder / f"{self.id}.lock").unlink(missing_ok=True)
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    def _alive(self, owner: str) -> bool:
+        folder = self._lock_dir()
+        if folder is None:
+            return True
+        path = folder / f"{owner}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        path.unlink(missing_ok=True)
+        return False
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- the client API ---------------------------------------------------------------------
+
+    def _spec(self, wf: Workflow[Any, Any], value: Any, run_id: str | None, queue: str,
+              priority: int, run_at: float, concurrency_key: str | None,
+              concurrency_limit: int | None, parent_id: str | None = None) -> RunSpec:
+        data = dumps(value).decode()
+        return RunSpec(
+            id=run_id or uuid.uuid4().hex,
+            workflow=wf.name,
+            ref=wf.ref,
+            input=data,
+            input_hash=blake2b(data.encode(), digest_size=16).hexdigest(),
+            queue=queue,
+            priority=priority,
+            run_at=run_at,
+            concurrency_key=concurrency_key,
+            concurrency_limit=concurrency_limit,
+            parent_id=parent_id,
+        )
+
+    async def start(
+        self,
+        workflow: Workflow[Any, O],
+        input: Any = None,
+        *,
+        id: str | None = None,
+        queue: str = "default",
+        priority: int = 0,
+        run_at: datetime | float | None = None,
+        delay: float | timedelta | None = None,
+        concurrency_key: str | None = None,
+        concurrency_limit: int | None = None,
+    ) -> RunHandle[O]:
+        """Submit a run and return its handle once the submission is durable.
+
+        ``id`` makes submission idempotent: the same id again returns the first run.
+        ``priority``: higher runs first. ``run_at``/``delay`` defer it. ``concurrency_key`` with
+        ``concurrency_limit`` caps how many runs sharing the key execute at once.
+        """
+        if not isinstance(workflow, Workflow):
+            raise UsageError(f"start() takes a @corral.workflow, not {workflow!r}")
+        if (concurrency_key is None) != (concurrency_limit is None):
+            raise UsageError("concurrency_key and concurrency_limit go together; pass both")
+        if concurrency_limit is not None and concurrency_limit < 1:
+            raise UsageError(f"concurrency_limit must be at least 1, not {concurrency_limit}")
+        value = workflow.validate_input(input)
+        when = time.time()
+        if isinstance(run_at, datetime):
+            if run_at.tzinfo is None:
+                raise UsageError("run_at must be timezone-aware, e.g. datetime.now(UTC)")
+            when = run_at.timestamp()
+        elif run_at is not None:
+            when = float(run_at)
+        if delay is not None:
+            when += delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+        spec = self._spec(workflow, value, id, queue, priority, when, concurrency_key,
+                          concurrency_limit)
+        await self._call(self.store.submit, spec, time.time())
+        self._wake.set()
+        return RunHandle(self, spec.id, workflow.output_type)
+
+    async def run(self, workflow: Workflow[Any, O], input: Any = None, **options: Any) -> O:
+        """Start a run and wait for its output."""
+        handle = await self.start(workflow, input, **options)
+        return await handle.result()
+
+    def handle(self, run_id: str) -> RunHandle[Any]:
+        return RunHandle(self, run_id)
+
+    async def get(self, run_id: str) -> RunRecord:
+        return await self._call(self.store.get_run, run_id)
+
+    async def signal(self, run_id: str, name: str, value: Any = None) -> None:
+        """Send a signal; the run receives it in ``ctx.wait_for(name)``, now or later."""
+        if name.startswith("$"):
+            raise UsageError(f"signal names starting with '$' are corral's own, not {name!r}")
+        await self._call(self.store.send_signal, run_id, name, dumps(value).decode(),
+                         time.time())
+        self._wake.set()
+
+    async def cancel(self, run_id: str) -> None:
+        """Ask a run (and its children) to stop; it is cancelled at its next durable operation."""
+        await self._call(self.store.request_cancel, run_id, time.time())
+        self._wake.set()
+
+    async def _finished(self, run_id: str) -> RunRecord:
+        while True:
+            record = await self._call(self.store.get_run, run_id)
+            if record.finished:
+                return record
+            event = self._done.setdefault(run_id, asyncio.Event())
+            try:
+                async with asyncio.timeout(max(self.poll_interval, 0.2)):
+                    await event.wait()
+            except TimeoutError:
+                pass
+
+    # -- the worker -------------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        while True:
+            try:
+                more = await self._tick()
+            except Exception as exc:
+                log.error("worker %s: %s", self.id, exc)
+                more = False
+            if more:
+                await asyncio.sleep(0)
+                continue
+            try:
+                async with asyncio.timeout(self.poll_interval):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def _tick(self) -> bool:
+        """One round of work; True when there may be more due right away."""
+        now = time.time()
+        if now >= self._next_recovery:
+            self._next_recovery = now + 1.0
+            for owner in await self._call(self.store.owners):
+                if owner != self.id and not self._alive(owner):
+                    count = await self._call(self.store.requeue, owner, now)
+                    log.warning("worker %s is gone; %d of its runs are queued again", owner,
+                                count)
+        more = claimed_any = False
+        free = self.max_runs - len(self._live)
+        if free > 0 and not self._closing:
+            claimed = await self._call(self.store.claim, self.id, self.queues,
+                                       min(free, 1000), now)
+            for item in claimed:
+                self._launch(item)
+            claimed_any = bool(claimed)
+            more = len(claimed) == min(free, 1000)
+        signals, self._signal_seq = await self._call(self.store.signals_since,
+                                                     self._signal_seq, self.id)
+        for signal in signals:
+            run = self._live.get(signal.run_id)
+            if run is not None:
+                run.deliver(signal)
+        for run_id in await self._call(self.store.cancel_requests, self.id):
+            run = self._live.get(run_id)
+            if run is not None:
+                self._deliver_cancel(run)
+        self._ticks += 1
+        self._claimed_last = int(claimed_any or free <= 0)
+        async with self._ticked:
+            self._ticked.notify_all()
+        return more
+
+    def _deliver_cancel(self, run: _Run) -> None:
+        run.cancel_requested = True
+        if run.started and not run.finalizing and not run.cancel_delivered and run.task:
+            run.cancel_delivered = True
+            run.task.cancel()
+
+    def _launch(self, claimed: Claimed) -> None:
+        record = claimed.run
+        try:
+            wf = resolve(record.workflow, record.ref)
+        except Exception as exc:
+            log.error("run %s: cannot load workflow %s (%s); it stays queued", record.id,
+                      record.ref, exc)
+            self._writer.batch.released.append((record.id, time.time() + 60))
+            self._writer.pending()
+            return
+        run = _Run(self, claimed, wf)
+        self._live[run.id] = run
+        self._events += 1
+        context = contextvars.Context()
+        context.run(current_scope.set, _Scope(run, ""))
+        run.task = asyncio.get_running_loop().create_task(self._execute(run), context=context)
+
+    async def _execute(self, run: _Run) -> None:
+        run.started = True
+        status, result, error = "completed", None, None
+        try:
+            try:
+                if run.cancel_requested and not run.journal:
+                    raise asyncio.CancelledError()
+                if run.wf.takes_input:
+                    output = await run.wf.fn(run.ctx, loads(run.record.input, run.wf.input_type))
+                else:
+                    output = await run.wf.fn(run.ctx)
+                if run.broken is not None:
+                    raise run.broken
+                result = dumps(output).decode()
+            except asyncio.CancelledError:
+                if not run.cancel_requested or run.evicting:
+                    raise _Evicted() from None
+                status = "cancelled"
+            except _Evicted:
+                raise
+            except Exception as exc:
+                if run.broken is not None:
+                    exc = run.broken
+                status = "failed"
+                error = json.dumps({
+                    "type": type(exc).__name__,
+                    "message": str(exc),
+                    "traceback": "".join(traceback.format_exception(exc)[-6:]),
+                })
+            run.finalizing = True
+            batch = self._writer.batch
+            batch.finished.append((run.id, status, result, error, time.time()))
+            if run.record.parent_id is not None:
+                outcome = {"id": run.id, "status": status,
+                           "result": None if result is None else json.loads(result),
+                           "error": None if error is None else json.loads(error)}
+                batch.signals.append((run.record.parent_id, f"$child:{run.id}",
+                                      json.dumps(outcome)))
+            await self._writer.pending()
+        except _Evicted:
+            await self._suspend(run)
+        except CorralError as exc:  # the store failed while finishing: leave it to recovery
+            log.error("run %s: cannot record its end (%s)", run.id, exc)
+        finally:
+            self._live.pop(run.id, None)
+            if run.idle_check is not None:
+                run.idle_check.cancel()
+            event = self._done.pop(run.id, None)
+            if event is not None:
+                event.set()
+            self._events += 1
+            self._wake.set()
+
+    async def _suspend(self, run: _Run) -> None:
+        if run.wake is None:  # interrupted while busy: queue it again
+            self._writer.batch.released.append((run.id, time.time()))
+        else:  # idle: wait in the store until a timer or a signal wakes it
+            self._writer.batch.suspended.append((run.id, *run.wake))
+        try:
+            await self._writer.pending()
+        except CorralError as exc:
+            log.error("run %s: cannot hand it back (%s); recovery will", run.id, exc)
+
+    # -- idleness -----------------------------------------------------------------------------
+
+    def _watch_idle(self, run: _Run) -> None:
+        if run.idle_check is None and not self._closing:
+            run.idle_check = asyncio.get_running_loop().call_later(
+                self.idle_after, self._check_idle, run, run.activity
+            )
+
+    def _check_idle(self, run: _Run, activity: int) -> None:
+        run.idle_check = None
+        if run.id not in self._live or not run.waits:
+            return
+        if run.idle and run.activity == activity:
+            deadlines = [w.deadline for w in run.waits.values()]
+            soonest = min((d for d in deadlines if d is not None), default=None)
+            if soonest is None or soonest - time.time() > self.idle_after:
+                run.evict()
+                return
+        self._watch_idle(run)
+
+    async def _evict(self, runs: list[_Run], *, force: bool) -> None:
+        tasks = []
+        for run in runs:
+            if run.finalizing or run.task is None:
+                continue
+            if run.idle:
+                run.evict()
+            elif force:
+                run.evicting = True
+                run.task.cancel()
+            else:
+                continue
+            tasks.append(run.task)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _progress(self) -> int:
+        return self._events + sum(run.activity for run in self._live.values())
+
+    async def _settle(self) -> None:
+        """Wait until two worker rounds in a row claim nothing and every live run is idle."""
+        while True:
+            progress, target = self._progress(), self._ticks + 2
+            self._wake.set()
+            async with self._ticked:
+                await self._ticked.wait_for(lambda: self._ticks >= target)
+            if (
+                self._claimed_last == 0
+                and progress == self._progress()
+                and all(run.idle for run in self._live.values())
+            ):
+                return
+
+    async def drain(self) -> None:
+        """Execute until nothing is runnable now: every run finished or waiting for later."""
+        if not self.worker:
+            raise UsageError("drain() needs a worker; create the Runtime with worker=True")
+        while True:
+            await self._settle()
+            live = list(self._live.values())
+            if not live:
+                return
+            await self._evict(live, force=False)

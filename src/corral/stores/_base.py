@@ -1,0 +1,182 @@
+"""The store interface: everything the runtime persists goes through these few methods.
+
+Methods are synchronous and thread-safe; the runtime calls them from one worker thread so that
+the event loop never blocks on I/O. SQLite is the embedded default; PostgreSQL implements the
+same interface for a cluster.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+@dataclass(slots=True, kw_only=True)
+class RunSpec:
+    """A submission: what to run, when, where and under which limits."""
+
+    id: str
+    workflow: str
+    ref: str
+    input: str
+    input_hash: str
+    queue: str = "default"
+    priority: int = 0
+    run_at: float
+    concurrency_key: str | None = None
+    concurrency_limit: int | None = None
+    parent_id: str | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class RunRecord:
+    id: str
+    workflow: str
+    ref: str
+    input: str
+    input_hash: str
+    status: str
+    queue: str
+    priority: int
+    run_at: float | None
+    concurrency_key: str | None
+    concurrency_limit: int | None
+    parent_id: str | None
+    owner: str | None
+    cancel_requested: bool
+    result: str | None
+    error: str | None
+    created_at: float
+    started_at: float | None
+    ended_at: float | None
+    attempts: int
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+
+@dataclass(slots=True, kw_only=True)
+class JournalEntry:
+    """One durable operation of a run: a step, a timer, a signal wait, a child run, a clock read."""
+
+    key: str
+    kind: str
+    name: str
+    status: str  # "ok" | "error" | "pending"
+    value: str | None  # JSON text
+    started_at: float
+    ended_at: float | None
+    attempts: int
+
+
+@dataclass(slots=True, kw_only=True)
+class Signal:
+    seq: int
+    run_id: str
+    name: str
+    payload: str  # JSON text
+    created_at: float
+
+
+@dataclass(slots=True)
+class Claimed:
+    """A run this worker now owns, with what it needs to replay it."""
+
+    run: RunRecord
+    journal: dict[str, JournalEntry]
+    signals: list[Signal]
+
+
+JournalRow = tuple[str, str, str, str, str, "str | bytes | None", float, "float | None", int]
+
+
+@dataclass(slots=True)
+class Batch:
+    """Writes committed in one transaction (group commit across concurrent runs)."""
+
+    journal: list[JournalRow] = field(default_factory=list)
+    """(run_id, key, kind, name, status, value, started_at, ended_at, attempts), upserted."""
+    new_runs: list[RunSpec] = field(default_factory=list)
+    """Child runs; inserted unless a run with that id exists."""
+    finished: list[tuple[str, str, str | None, str | None, float]] = field(default_factory=list)
+    """(run_id, status, result, error, ended_at)."""
+    signals: list[tuple[str, str, str]] = field(default_factory=list)
+    """(run_id, name, payload): internal signals such as a child's completion."""
+    consumed: list[tuple[str, int]] = field(default_factory=list)
+    """(key, seq): the signal ``seq`` was consumed by the wait at ``key``."""
+    suspended: list[tuple[str, float | None, tuple[str, ...]]] = field(default_factory=list)
+    """(run_id, wake_at, signal names waited on): runs evicted from memory while they wait."""
+    released: list[tuple[str, float]] = field(default_factory=list)
+    """(run_id, run_at): runs handed back to the queue, e.g. by a worker shutting down."""
+
+    def __len__(self) -> int:
+        return (
+            len(self.journal)
+            + len(self.new_runs)
+            + len(self.finished)
+            + len(self.signals)
+            + len(self.consumed)
+            + len(self.suspended)
+            + len(self.released)
+        )
+
+
+class Store(abc.ABC):
+    """Persistence for runs, journals and signals."""
+
+    @abc.abstractmethod
+    def submit(self, spec: RunSpec, now: float) -> tuple[RunRecord, bool]:
+        """Insert a run; return it and whether it was created (False: the id existed)."""
+
+    @abc.abstractmethod
+    def claim(self, owner: str, queues: list[str], limit: int, now: float) -> list[Claimed]:
+        """Take up to ``limit`` due runs, best priority first, within concurrency limits."""
+
+    @abc.abstractmethod
+    def apply(self, batch: Batch, now: float) -> None:
+        """Commit a batch of writes atomically."""
+
+    @abc.abstractmethod
+    def get_run(self, run_id: str) -> RunRecord:
+        """The run, or RunNotFound."""
+
+    @abc.abstractmethod
+    def list_runs(
+        self, *, status: str | None = None, workflow: str | None = None, limit: int = 50
+    ) -> list[RunRecord]:
+        """Newest first."""
+
+    @abc.abstractmethod
+    def journal(self, run_id: str) -> list[JournalEntry]:
+        """The run's journal, in the order operations started."""
+
+    @abc.abstractmethod
+    def send_signal(self, run_id: str, name: str, payload: str, now: float) -> int:
+        """Record a signal and wake the run; RunNotFound or RunFinished if it cannot take it."""
+
+    @abc.abstractmethod
+    def request_cancel(self, run_id: str, now: float) -> RunRecord:
+        """Ask a run and its unfinished children to stop; return the run as it was."""
+
+    @abc.abstractmethod
+    def signals_since(self, seq: int, owner: str) -> tuple[list[Signal], int]:
+        """Signals after ``seq`` for runs ``owner`` executes, and the newest sequence number."""
+
+    @abc.abstractmethod
+    def cancel_requests(self, owner: str) -> list[str]:
+        """Runs executed by ``owner`` that were asked to stop."""
+
+    @abc.abstractmethod
+    def owners(self) -> list[str]:
+        """Workers that hold running runs."""
+
+    @abc.abstractmethod
+    def requeue(self, owner: str, now: float) -> int:
+        """Give the running runs of a dead worker back to the queue; return how many."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the store's resources."""

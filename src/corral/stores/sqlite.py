@@ -1,0 +1,611 @@
+"""The embedded store: one SQLite file in WAL mode, group-committed writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from hashlib import blake2b
+from typing import Any
+
+from .._errors import RunConflict, RunFinished, RunNotFound, StoreError
+from ._base import (
+    TERMINAL,
+    Batch,
+    Claimed,
+    JournalEntry,
+    RunRecord,
+    RunSpec,
+    Signal,
+    Store,
+)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    workflow TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    input TEXT NOT NULL,
+    input_hash TEXT NOT NULL,
+    status TEXT NOT NULL,
+    queue TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    run_at REAL,
+    concurrency_key TEXT,
+    concurrency_limit INTEGER,
+    parent_id TEXT,
+    owner TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    waiting_on TEXT,
+    result TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    ended_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runs_due ON runs(queue, priority DESC, run_at)
+    WHERE status IN ('queued', 'waiting');
+CREATE INDEX IF NOT EXISTS runs_owner ON runs(owner) WHERE status = 'running';
+CREATE INDEX IF NOT EXISTS runs_concurrency ON runs(concurrency_key) WHERE status = 'running';
+CREATE INDEX IF NOT EXISTS runs_parent ON runs(parent_id) WHERE parent_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS runs_created ON runs(created_at);
+CREATE TABLE IF NOT EXISTS journal (
+    run_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    value TEXT,
+    enc INTEGER NOT NULL DEFAULT 0,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    attempts INTEGER NOT NULL,
+    PRIMARY KEY (run_id, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blobs (
+    hash TEXT PRIMARY KEY,
+    data TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS signals (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    consumed_key TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS signals_pending ON signals(run_id) WHERE consumed_key IS NULL;
+"""
+
+_RUN_COLUMNS = (
+    "id, workflow, ref, input, input_hash, status, queue, priority, run_at, concurrency_key,"
+    " concurrency_limit, parent_id, owner, cancel_requested, result, error, created_at,"
+    " started_at, ended_at, attempts"
+)
+
+# Values at least this long are split: every JSON object, array or string of at least
+# _BLOB_MIN bytes inside them is stored once, by content hash, in `blobs`. A conversation
+# passed from step to step then costs each message once, not once per step.
+_SPLIT_AT = 2048
+_BLOB_MIN = 256
+_REF = "\x00"
+
+
+def _run(row: Sequence[Any]) -> RunRecord:
+    return RunRecord(
+        id=row[0],
+        workflow=row[1],
+        ref=row[2],
+        input=row[3],
+        input_hash=row[4],
+        status=row[5],
+        queue=row[6],
+        priority=row[7],
+        run_at=row[8],
+        concurrency_key=row[9],
+        concurrency_limit=row[10],
+        parent_id=row[11],
+        owner=row[12],
+        cancel_requested=bool(row[13]),
+        result=row[14],
+        error=row[15],
+        created_at=row[16],
+        started_at=row[17],
+        ended_at=row[18],
+        attempts=row[19],
+    )
+
+
+def _split(node: Any, blobs: dict[str, str]) -> Any:
+    if isinstance(node, list):
+        node = [_split(item, blobs) for item in node]
+    elif isinstance(node, dict):
+        node = {key: _split(item, blobs) for key, item in node.items()}
+    elif not (isinstance(node, str) and len(node) >= _BLOB_MIN):
+        return node
+    data = json.dumps(node, separators=(",", ":"), ensure_ascii=False)
+    if len(data) < _BLOB_MIN:
+        return node
+    digest = blake2b(data.encode(), digest_size=12).hexdigest()
+    blobs[digest] = data
+    return {_REF: digest}
+
+
+def _join(node: Any, blobs: dict[str, Any]) -> Any:
+    if isinstance(node, list):
+        return [_join(item, blobs) for item in node]
+    if isinstance(node, dict):
+        if len(node) == 1 and _REF in node:
+            return _join(blobs[node[_REF]], blobs)
+        return {key: _join(item, blobs) for key, item in node.items()}
+    return node
+
+
+class SQLiteStore(Store):
+    """Runs, journals and signals in one SQLite file.
+
+    ``durability="full"`` (the default) fsyncs every commit, so a power loss loses nothing that
+    was acknowledged; ``"process"`` survives a crash of the process but not of the machine.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, timeout: float = 5.0, durability: str = "full"
+    ) -> None:
+        if durability not in ("full", "process"):
+            raise ValueError(f'durability must be "full" or "process", not {durability!r}')
+        self.path = os.fspath(path)
+        self._lock = threading.RLock()
+        if self.path != ":memory:":
+            parent = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(parent, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(
+                self.path, timeout=timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from exc
+        with self._guard():
+            self._open(durability)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _translate(self, exc: sqlite3.Error) -> StoreError:
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            return StoreError(
+                f"database {self.path} is locked by another process ({text}); wait for it to "
+                "finish or stop it, then retry",
+                path=self.path,
+            )
+        if isinstance(exc, sqlite3.DatabaseError) and (
+            "not a database" in text or "malformed" in text or "corrupt" in text
+        ):
+            return StoreError(
+                f"database {self.path} is corrupted ({text}); restore it from a backup or "
+                "point --db at another file; corral changed nothing",
+                path=self.path,
+            )
+        if "unable to open" in text:
+            return StoreError(
+                f"cannot open database {self.path} ({text}); check that its folder exists "
+                "and is writable",
+                path=self.path,
+            )
+        return StoreError(f"database {self.path}: {text}", path=self.path)
+
+    @contextmanager
+    def _guard(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise self._translate(exc) from exc
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._guard() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def _open(self, durability: str) -> None:
+        db = self._db
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"database {self.path} was written by a newer corral (schema {version}, this "
+                f"one knows {SCHEMA_VERSION}); upgrade corral",
+                path=self.path,
+            )
+        if version == 0:
+            tables = db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+            ).fetchall()
+            if tables:
+                raise StoreError(
+                    f"database {self.path} is not a corral database (it has tables "
+                    f"{', '.join(t[0] for t in tables[:5])}); point --db at another file",
+                    path=self.path,
+                )
+        if self.path != ":memory:":
+            db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+        if version == 0:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- runs -------------------------------------------------------------------------------
+
+    def submit(self, spec: RunSpec, now: float) -> tuple[RunRecord, bool]:
+        with self._tx() as db:
+            row = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (spec.id,)).fetchone()
+            if row is not None:
+                existing = _run(row)
+                if existing.workflow != spec.workflow:
+                    raise RunConflict(
+                        f"run id {spec.id!r} is taken by a run of workflow "
+                        f"{existing.workflow!r}; choose another --id",
+                        run_id=spec.id,
+                    )
+                if existing.input_hash != spec.input_hash:
+                    raise RunConflict(
+                        f"run id {spec.id!r} was submitted before with another input; "
+                        "an id names one submission, so choose another --id",
+                        run_id=spec.id,
+                    )
+                return existing, False
+            self._insert(db, [spec], now)
+            row = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (spec.id,)).fetchone()
+            return _run(row), True
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, specs: list[RunSpec], now: float) -> None:
+        db.executemany(
+            "INSERT OR IGNORE INTO runs (id, workflow, ref, input, input_hash, status, queue,"
+            " priority, run_at, concurrency_key, concurrency_limit, parent_id, created_at)"
+            " VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    s.id,
+                    s.workflow,
+                    s.ref,
+                    s.input,
+                    s.input_hash,
+                    s.queue,
+                    s.priority,
+                    s.run_at,
+                    s.concurrency_key,
+                    s.concurrency_limit,
+                    s.parent_id,
+                    now,
+                )
+                for s in specs
+            ],
+        )
+
+    def claim(self, owner: str, queues: list[str], limit: int, now: float) -> list[Claimed]:
+        if limit <= 0:
+            return []
+        marks = ",".join("?" * len(queues))
+        with self._tx() as db:
+            rows = db.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'waiting')"
+                f" AND run_at <= ? AND queue IN ({marks})"
+                " ORDER BY priority DESC, run_at LIMIT ?",
+                (now, *queues, limit * 2 + 16),
+            ).fetchall()
+            candidates = [_run(r) for r in rows]
+            keys = {r.concurrency_key for r in candidates if r.concurrency_key is not None}
+            running: dict[str, int] = {}
+            if keys:
+                key_marks = ",".join("?" * len(keys))
+                running = dict(
+                    db.execute(
+                        "SELECT concurrency_key, COUNT(*) FROM runs WHERE status = 'running'"
+                        f" AND concurrency_key IN ({key_marks}) GROUP BY concurrency_key",
+                        tuple(keys),
+                    ).fetchall()
+                )
+            chosen: list[RunRecord] = []
+            for run in candidates:
+                key = run.concurrency_key
+                if key is not None and run.concurrency_limit is not None:
+                    if running.get(key, 0) >= run.concurrency_limit:
+                        continue
+                    running[key] = running.get(key, 0) + 1
+                chosen.append(run)
+                if len(chosen) == limit:
+                    break
+            if not chosen:
+                return []
+            db.executemany(
+                "UPDATE runs SET status = 'running', owner = ?, started_at = COALESCE(started_at,"
+                " ?), attempts = attempts + 1, waiting_on = NULL WHERE id = ?",
+                [(owner, now, r.id) for r in chosen],
+            )
+            resumed = [r.id for r in chosen if r.started_at is not None]
+            journals = self._journals(db, resumed)
+            signals = self._pending_signals(db, [r.id for r in chosen])
+        claimed = []
+        for run in chosen:
+            run.status, run.owner, run.attempts = "running", owner, run.attempts + 1
+            run.started_at = run.started_at or now
+            claimed.append(Claimed(run, journals.get(run.id, {}), signals.get(run.id, [])))
+        return claimed
+
+    def _journals(
+        self, db: sqlite3.Connection, run_ids: list[str]
+    ) -> dict[str, dict[str, JournalEntry]]:
+        out: dict[str, dict[str, JournalEntry]] = {}
+        for chunk in _chunks(run_ids):
+            rows = db.execute(
+                "SELECT run_id, key, kind, name, status, value, enc, started_at, ended_at,"
+                f" attempts FROM journal WHERE run_id IN ({','.join('?' * len(chunk))})"
+                " ORDER BY started_at",
+                chunk,
+            ).fetchall()
+            for run_id, key, kind, name, status, value, enc, started, ended, attempts in rows:
+                if enc:
+                    value = self._expand(db, value)
+                out.setdefault(run_id, {})[key] = JournalEntry(
+                    key=key,
+                    kind=kind,
+                    name=name,
+                    status=status,
+                    value=value,
+                    started_at=started,
+                    ended_at=ended,
+                    attempts=attempts,
+                )
+        return out
+
+    @staticmethod
+    def _expand(db: sqlite3.Connection, value: str) -> str:
+        cache: dict[str, Any] = {}
+        pending = [value]
+        while pending:
+            refs: set[str] = set()
+            for text in pending:
+                _collect_refs(json.loads(text), refs)
+            refs -= cache.keys()
+            pending = []
+            for chunk in _chunks(sorted(refs)):
+                for digest, data in db.execute(
+                    f"SELECT hash, data FROM blobs WHERE hash IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ):
+                    cache[digest] = json.loads(data)
+                    pending.append(data)
+        return json.dumps(_join(json.loads(value), cache), separators=(",", ":"))
+
+    @staticmethod
+    def _pending_signals(db: sqlite3.Connection, run_ids: list[str]) -> dict[str, list[Signal]]:
+        out: dict[str, list[Signal]] = {}
+        for chunk in _chunks(run_ids):
+            rows = db.execute(
+                "SELECT seq, run_id, name, payload, created_at FROM signals"
+                f" WHERE consumed_key IS NULL AND run_id IN ({','.join('?' * len(chunk))})"
+                " ORDER BY seq",
+                chunk,
+            ).fetchall()
+            for seq, run_id, name, payload, created in rows:
+                out.setdefault(run_id, []).append(Signal(seq=seq, run_id=run_id, name=name,
+                                                         payload=payload, created_at=created))
+        return out
+
+    def apply(self, batch: Batch, now: float) -> None:
+        journal = []
+        blobs: dict[str, str] = {}
+        for run_id, key, kind, name, status, value, started, ended, attempts in batch.journal:
+            if isinstance(value, bytes):
+                value = value.decode()
+            enc = 0
+            if value is not None and len(value) >= _SPLIT_AT:
+                value = json.dumps(_split(json.loads(value), blobs), separators=(",", ":"))
+                enc = 1
+            journal.append((run_id, key, kind, name, status, value, enc, started, ended, attempts))
+        with self._tx() as db:
+            if batch.new_runs:
+                self._insert(db, batch.new_runs, now)
+            if blobs:
+                db.executemany("INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)",
+                               list(blobs.items()))
+            if journal:
+                db.executemany(
+                    "INSERT OR REPLACE INTO journal (run_id, key, kind, name, status, value, enc,"
+                    " started_at, ended_at, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    journal,
+                )
+            if batch.consumed:
+                db.executemany("UPDATE signals SET consumed_key = ? WHERE seq = ?", batch.consumed)
+            if batch.signals:
+                self._signal(db, batch.signals, now)
+            if batch.finished:
+                db.executemany(
+                    "UPDATE runs SET status = ?, result = ?, error = ?, ended_at = ?, owner = NULL,"
+                    " run_at = NULL, waiting_on = NULL WHERE id = ?",
+                    [(status, result, error, ended, run_id)
+                     for run_id, status, result, error, ended in batch.finished],
+                )
+            for run_id, wake_at, names in batch.suspended:
+                wanted = ",".join("?" * len(names)) or "NULL"
+                db.execute(
+                    "UPDATE runs SET status = 'waiting', owner = NULL, waiting_on = ?,"
+                    " run_at = CASE WHEN cancel_requested = 1 OR EXISTS (SELECT 1 FROM signals"
+                    f" WHERE run_id = ? AND consumed_key IS NULL AND name IN ({wanted}))"
+                    " THEN ? ELSE ? END WHERE id = ?",
+                    ("\n".join(names), run_id, *names, now, wake_at, run_id),
+                )
+            if batch.released:
+                db.executemany(
+                    "UPDATE runs SET status = 'queued', owner = NULL, run_at = ? WHERE id = ?"
+                    " AND status = 'running'",
+                    [(run_at, run_id) for run_id, run_at in batch.released],
+                )
+
+    @staticmethod
+    def _signal(db: sqlite3.Connection, signals: list[tuple[str, str, str]], now: float) -> None:
+        db.executemany(
+            "INSERT INTO signals (run_id, name, payload, created_at) VALUES (?, ?, ?, ?)",
+            [(run_id, name, payload, now) for run_id, name, payload in signals],
+        )
+        db.executemany(
+            "UPDATE runs SET run_at = ? WHERE id = ? AND status = 'waiting'"
+            " AND instr(char(10) || waiting_on || char(10), char(10) || ? || char(10)) > 0",
+            [(now, run_id, name) for run_id, name, _ in signals],
+        )
+
+    def get_run(self, run_id: str) -> RunRecord:
+        with self._guard() as db:
+            row = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise RunNotFound(
+                f"no run {run_id!r} in {self.path}; list runs with `corral runs ls`",
+                run_id=run_id,
+            )
+        return _run(row)
+
+    def list_runs(
+        self, *, status: str | None = None, workflow: str | None = None, limit: int = 50
+    ) -> list[RunRecord]:
+        where, args = [], []
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
+        if workflow is not None:
+            where.append("workflow = ?")
+            args.append(workflow)
+        sql = f"SELECT {_RUN_COLUMNS} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
+        with self._guard() as db:
+            return [_run(r) for r in db.execute(sql, (*args, limit)).fetchall()]
+
+    def journal(self, run_id: str) -> list[JournalEntry]:
+        with self._guard() as db:
+            return list(self._journals(db, [run_id]).get(run_id, {}).values())
+
+    def send_signal(self, run_id: str, name: str, payload: str, now: float) -> int:
+        with self._tx() as db:
+            row = db.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise RunNotFound(
+                    f"no run {run_id!r} in {self.path}; list runs with `corral runs ls`",
+                    run_id=run_id,
+                )
+            if row[0] in TERMINAL:
+                raise RunFinished(
+                    f"run {run_id!r} is {row[0]}; a finished run takes no more signals",
+                    run_id=run_id,
+                    status=row[0],
+                )
+            self._signal(db, [(run_id, name, payload)], now)
+            seq: int = db.execute("SELECT last_insert_rowid()").fetchone()[0]
+            return seq
+
+    def request_cancel(self, run_id: str, now: float) -> RunRecord:
+        with self._tx() as db:
+            row = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise RunNotFound(
+                    f"no run {run_id!r} in {self.path}; list runs with `corral runs ls`",
+                    run_id=run_id,
+                )
+            run = _run(row)
+            if run.finished:
+                raise RunFinished(
+                    f"run {run_id!r} is already {run.status}; there is nothing to cancel",
+                    run_id=run_id,
+                    status=run.status,
+                )
+            db.execute(
+                "WITH RECURSIVE tree(id) AS (SELECT ? UNION SELECT runs.id FROM runs JOIN tree"
+                " ON runs.parent_id = tree.id) UPDATE runs SET cancel_requested = 1,"
+                " run_at = CASE WHEN status IN ('queued', 'waiting') THEN ? ELSE run_at END"
+                " WHERE id IN (SELECT id FROM tree)"
+                " AND status NOT IN ('completed', 'failed', 'cancelled')",
+                (run_id, now),
+            )
+            return run
+
+    def signals_since(self, seq: int, owner: str) -> tuple[list[Signal], int]:
+        with self._guard() as db:
+            db.execute("BEGIN")
+            try:
+                rows = db.execute(
+                    "SELECT s.seq, s.run_id, s.name, s.payload, s.created_at FROM signals s"
+                    " JOIN runs r ON r.id = s.run_id WHERE s.seq > ? AND r.owner = ?"
+                    " AND s.consumed_key IS NULL ORDER BY s.seq",
+                    (seq, owner),
+                ).fetchall()
+                last = db.execute("SELECT COALESCE(MAX(seq), 0) FROM signals").fetchone()[0]
+            finally:
+                db.execute("COMMIT")
+        signals = [Signal(seq=s, run_id=r, name=n, payload=p, created_at=c)
+                   for s, r, n, p, c in rows]
+        return signals, max(last, seq)
+
+    def cancel_requests(self, owner: str) -> list[str]:
+        with self._guard() as db:
+            rows = db.execute(
+                "SELECT id FROM runs WHERE owner = ? AND status = 'running'"
+                " AND cancel_requested = 1",
+                (owner,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def owners(self) -> list[str]:
+        with self._guard() as db:
+            rows = db.execute(
+                "SELECT DISTINCT owner FROM runs WHERE status = 'running' AND owner IS NOT NULL"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def requeue(self, owner: str, now: float) -> int:
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE runs SET status = 'queued', owner = NULL, run_at = ?"
+                " WHERE owner = ? AND status = 'running'",
+                (now, owner),
+            )
+            return cur.rowcount
+
+
+def _collect_refs(node: Any, refs: set[str]) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _collect_refs(item, refs)
+    elif isinstance(node, dict):
+        if len(node) == 1 and _REF in node:
+            refs.add(node[_REF])
+        else:
+            for item in node.values():
+                _collect_refs(item, refs)
+
+
+def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
