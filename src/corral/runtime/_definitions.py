@@ -266,9 +266,13 @@ def load_workflow(ref: str) -> Workflow[Any, Any]:
                 sys.path.insert(0, folder)
             try:
                 spec.loader.exec_module(module)
-            except BaseException:
+            except Exception as exc:
                 del sys.modules[module_name]
-                raise
+                raise WorkflowNotFound(
+                    f"workflow file {where} failed to load: {type(exc).__name__}: {exc}; "
+                    "fix the file and retry",
+                    ref=ref,
+                ) from exc
     else:
         try:
             module = importlib.import_module(where)

@@ -1,0 +1,36 @@
+# The verbs people expect. Everything the demo and the tests need is installed from here.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip install --quiet --disable-pip-version-check
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.demo: pyproject.toml | $(BIN)/python
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[dev]'
+	touch $@ $(VENV)/.demo
+
+demo: $(VENV)/.demo
+	$(BIN)/python examples/demo.py
+
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/mypy
+
+bench: $(VENV)/.dev
+	$(BIN)/python bench/runtime_throughput.py
+	$(BIN)/python bench/runtime_concurrency.py
+	$(BIN)/python bench/journal_growth.py
+
+clean:
+	rm -rf $(VENV) .corral .pytest_cache

@@ -1,0 +1,273 @@
+"""The `corral` command: run workflows, work the queue, look at and steer runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from ._errors import CorralError, RunCancelled, RunFailed, UsageError
+from .runtime import DEFAULT_DB, Runtime, load_workflow
+from .stores import JournalEntry, RunRecord, SQLiteStore
+
+
+def _db(args: argparse.Namespace) -> str:
+    return str(args.db or os.environ.get("CORRAL_DB") or DEFAULT_DB)
+
+
+def _json_arg(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"{what} is not valid JSON ({exc.msg} at column {exc.colno}); "
+            "quote strings, e.g. '\"yes\"' or '{\"approved\": true}'"
+        ) from None
+
+
+def _when(text: str) -> float:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(
+            f"--run-at {text!r} is not an ISO 8601 time; e.g. 2026-11-22T02:00:00+00:00"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+async def _run(args: argparse.Namespace) -> int:
+    wf = load_workflow(args.workflow)
+    value = wf.parse_input(args.input)
+    if (args.concurrency_key is None) != (args.concurrency_limit is None):
+        raise UsageError("--concurrency-key and --concurrency-limit go together; pass both")
+    async with Runtime(_db(args), queues=(args.queue,)) as rt:
+        handle = await rt.start(
+            wf,
+            value,
+            id=args.id,
+            queue=args.queue,
+            priority=args.priority,
+            run_at=_when(args.run_at) if args.run_at else None,
+            delay=args.delay,
+            concurrency_key=args.concurrency_key,
+            concurrency_limit=args.concurrency_limit,
+        )
+        if args.no_wait:
+            print(handle.id)
+            return 0
+        try:
+            result = await handle.result()
+        except (RunFailed, RunCancelled) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        record = await handle.describe()
+    print(record.result if record.result is not None else json.dumps(result))
+    return 0
+
+
+async def _worker(args: argparse.Namespace) -> int:
+    queues = tuple(args.queue or ["default"])
+    async with Runtime(_db(args), queues=queues, max_runs=args.max_runs) as rt:
+        if args.drain:
+            await rt.drain()
+        else:
+            print(f"corral worker {rt.id} on {_db(args)}, queues {', '.join(queues)}",
+                  file=sys.stderr)
+            await asyncio.Event().wait()
+    return 0
+
+
+def _time(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _span(start: float | None, end: float | None) -> str:
+    if start is None or end is None:
+        return "-"
+    seconds = end - start
+    return f"{seconds * 1000:.1f}ms" if seconds < 1 else f"{seconds:.2f}s"
+
+
+def _run_dict(run: RunRecord) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "workflow": run.workflow,
+        "status": run.status,
+        "queue": run.queue,
+        "priority": run.priority,
+        "run_at": run.run_at,
+        "concurrency_key": run.concurrency_key,
+        "concurrency_limit": run.concurrency_limit,
+        "parent_id": run.parent_id,
+        "cancel_requested": run.cancel_requested,
+        "input": json.loads(run.input),
+        "result": None if run.result is None else json.loads(run.result),
+        "error": None if run.error is None else json.loads(run.error),
+        "created_at": run.created_at,
+        "started_at": run.started_at,
+        "ended_at": run.ended_at,
+        "attempts": run.attempts,
+    }
+
+
+def _entry_dict(entry: JournalEntry) -> dict[str, Any]:
+    return {
+        "key": entry.key,
+        "kind": entry.kind,
+        "name": entry.name,
+        "status": entry.status,
+        "value": None if entry.value is None else json.loads(entry.value),
+        "started_at": entry.started_at,
+        "ended_at": entry.ended_at,
+        "duration_ms": None if entry.ended_at is None
+        else round((entry.ended_at - entry.started_at) * 1000, 3),
+        "attempts": entry.attempts,
+    }
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _runs(args: argparse.Namespace) -> int:
+    store = SQLiteStore(_db(args))
+    try:
+        if args.runs_command == "ls":
+            runs = store.list_runs(status=args.status, workflow=args.workflow, limit=args.limit)
+            if args.json:
+                print(json.dumps([_run_dict(r) for r in runs], indent=2))
+                return 0
+            print(f"{'RUN':34} {'WORKFLOW':20} {'STATUS':10} {'CREATED':19} {'TOOK':>9}")
+            for r in runs:
+                print(f"{r.id:34} {r.workflow[:20]:20} {r.status:10} {_time(r.created_at):19}"
+                      f" {_span(r.started_at, r.ended_at):>9}")
+            return 0
+        if args.runs_command == "show":
+            run = store.get_run(args.run_id)
+            entries = store.journal(args.run_id)
+            if args.json:
+                print(json.dumps({**_run_dict(run), "steps": [_entry_dict(e) for e in entries]},
+                                 indent=2))
+                return 0
+            print(f"run       {run.id}")
+            print(f"workflow  {run.workflow}")
+            extra = " (cancel requested)" if run.cancel_requested and not run.finished else ""
+            print(f"status    {run.status}{extra}")
+            print(f"queue     {run.queue}  priority {run.priority}  attempts {run.attempts}")
+            if run.parent_id:
+                print(f"parent    {run.parent_id}")
+            print(f"created   {_time(run.created_at)}  started {_time(run.started_at)}"
+                  f"  ended {_time(run.ended_at)}  took {_span(run.started_at, run.ended_at)}")
+            if run.result is not None:
+                print(f"result    {_short(json.loads(run.result), 200)}")
+            if run.error is not None:
+                error = json.loads(run.error)
+                print(f"error     {error.get('type')}: {error.get('message')}")
+            print(f"\n{'KEY':8} {'KIND':6} {'NAME':20} {'STATUS':8} {'TOOK':>9} {'TRIES':>5}  VALUE")
+            for e in entries:
+                value = "" if e.value is None else _short(json.loads(e.value))
+                print(f"{e.key:8} {e.kind:6} {e.name[:20]:20} {e.status:8}"
+                      f" {_span(e.started_at, e.ended_at):>9} {e.attempts:>5}  {value}")
+            return 0
+        if args.runs_command == "cancel":
+            import time
+
+            store.request_cancel(args.run_id, time.time())
+            print(f"cancel requested for run {args.run_id}; a worker stops it at its next "
+                  "durable operation")
+            return 0
+        if args.runs_command == "signal":
+            import time
+
+            if args.name.startswith("$"):
+                raise UsageError(f"signal names starting with '$' are corral's own, not "
+                                 f"{args.name!r}")
+            payload = json.dumps(_json_arg(args.value, "the signal value"))
+            store.send_signal(args.run_id, args.name, payload, time.time())
+            print(f"signal {args.name!r} sent to run {args.run_id}")
+            return 0
+    finally:
+        store.close()
+    raise UsageError("usage: corral runs {ls,show,cancel,signal}")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="corral", description="Durable workflows and agents, embedded or on a cluster."
+    )
+    top.add_argument("--version", action="version", version="corral 0.1.0")
+    commands = top.add_subparsers(dest="command", required=True)
+
+    db_help = f"SQLite file (default: $CORRAL_DB or {DEFAULT_DB})"
+    run = commands.add_parser("run", help="start a run, wait, print its result as JSON")
+    run.add_argument("workflow", help="FILE.py:WORKFLOW or package.module:WORKFLOW")
+    run.add_argument("--input", help="the workflow's input as JSON")
+    run.add_argument("--id", help="run id; the same id again returns the first run's result")
+    run.add_argument("--db", help=db_help)
+    run.add_argument("--queue", default="default")
+    run.add_argument("--priority", type=int, default=0, help="higher runs first")
+    run.add_argument("--run-at", help="start no earlier than this ISO 8601 time")
+    run.add_argument("--delay", type=float, help="start no earlier than this many seconds")
+    run.add_argument("--concurrency-key", help="runs sharing this key share a limit")
+    run.add_argument("--concurrency-limit", type=int, help="at most this many running at once")
+    run.add_argument("--no-wait", action="store_true", help="submit, print the run id, exit")
+
+    worker = commands.add_parser("worker", help="execute due runs")
+    worker.add_argument("--db", help=db_help)
+    worker.add_argument("--drain", action="store_true", help="exit when nothing is runnable")
+    worker.add_argument("--queue", action="append", help="queue to serve (repeatable)")
+    worker.add_argument("--max-runs", type=int, default=1000, help="runs in memory at once")
+
+    runs = commands.add_parser("runs", help="list, show, cancel and signal runs")
+    runs_commands = runs.add_subparsers(dest="runs_command", required=True)
+    ls = runs_commands.add_parser("ls", help="list runs, newest first")
+    ls.add_argument("--status")
+    ls.add_argument("--workflow")
+    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--json", action="store_true")
+    show = runs_commands.add_parser("show", help="a run and each of its steps")
+    show.add_argument("run_id")
+    show.add_argument("--json", action="store_true")
+    cancel = runs_commands.add_parser("cancel", help="cancel a run and its children")
+    cancel.add_argument("run_id")
+    signal = runs_commands.add_parser("signal", help="send a signal to a run")
+    signal.add_argument("run_id")
+    signal.add_argument("name")
+    signal.add_argument("value", help="the signal's value as JSON")
+    for sub in (ls, show, cancel, signal):
+        sub.add_argument("--db", help=db_help)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "run":
+            return asyncio.run(_run(args))
+        if args.command == "worker":
+            return asyncio.run(_worker(args))
+        return _runs(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except CorralError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+import corral
+import corral.runtime
+import corral.stores
+
+
+def test_exported_names_are_pinned() -> None:
+    assert sorted(corral.__all__) == sorted([
+        "Context", "CorralError", "InvalidInput", "NonDeterminismError", "NonRetryable",
+        "RetryPolicy", "RunCancelled", "RunConflict", "RunFailed", "RunFinished", "RunHandle",
+        "RunNotFound", "Runtime", "SignalTimeout", "Step", "StepFailed", "StoreError",
+        "UsageError", "Workflow", "WorkflowNotFound", "__version__", "load_workflow", "step",
+        "workflow",
+    ])
+    for name in corral.__all__:
+        assert hasattr(corral, name), name
+
+
+def test_errors_share_one_root_and_survive_pickling() -> None:
+    import pickle
+
+    err = corral.StepFailed("step 'x' failed", step="x", error_type="ValueError", error="boom",
+                            attempts=2)
+    copy = pickle.loads(pickle.dumps(err))
+    assert isinstance(copy, corral.CorralError)
+    assert (copy.step, copy.error_type, copy.attempts, str(copy)) == (
+        "x", "ValueError", 2, "step 'x' failed")
+    assert issubclass(corral.UsageError, corral.CorralError)
+    assert not issubclass(corral.StepFailed, corral.UsageError)
