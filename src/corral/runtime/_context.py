@@ -69,7 +69,7 @@ class Context:
 
     def __init__(self, run: _Run) -> None:
         self._run = run
-        self._rng = random.Random(run.id)
+        self._rng: random.Random | None = None
 
     def _scope(self, what: str) -> _Scope:
         scope = current_scope.get()
@@ -103,12 +103,17 @@ class Context:
     def random(self) -> random.Random:
         """A random generator seeded by the run id: the same sequence on every replay."""
         self._scope("random()")
+        return self._seeded()
+
+    def _seeded(self) -> random.Random:
+        if self._rng is None:
+            self._rng = random.Random(self._run.id)
         return self._rng
 
     def uuid4(self) -> uuid.UUID:
         """A random UUID that is the same on every replay."""
         self._scope("uuid4()")
-        return uuid.UUID(int=self._rng.getrandbits(128), version=4)
+        return uuid.UUID(int=self._seeded().getrandbits(128), version=4)
 
     async def sleep(self, duration: float | timedelta) -> None:
         """A durable timer: survives crashes and restarts, and costs no memory while long."""

@@ -107,11 +107,15 @@ class Step(Generic[P, R]):
         while True:
             attempt += 1
             try:
-                async with asyncio.timeout(self.timeout):
-                    if self.is_async:
-                        value: R = await self.fn(*args, **kwargs)  # type: ignore[misc]
-                    else:
-                        value = await asyncio.to_thread(self.fn, *args, **kwargs)  # type: ignore[arg-type]
+                if self.is_async:
+                    call = self.fn(*args, **kwargs)
+                else:
+                    call = asyncio.to_thread(self.fn, *args, **kwargs)
+                if self.timeout is None:
+                    value: R = await call  # type: ignore[misc]
+                else:
+                    async with asyncio.timeout(self.timeout):
+                        value = await call  # type: ignore[misc]
                 return value, attempt
             except Exception as exc:
                 if not self.retry.retryable(exc) or attempt >= self.retry.max_attempts:

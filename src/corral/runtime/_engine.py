@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import random
 import socket
 import time
 import traceback
@@ -37,7 +38,18 @@ from .._errors import (
     UsageError,
 )
 from .._serde import PydanticSerializationError, dumps, loads
-from ..stores import Batch, Claimed, JournalEntry, RunRecord, RunSpec, Signal, SQLiteStore, Store
+from ..stores import (
+    Batch,
+    Claimed,
+    JournalEntry,
+    RunRecord,
+    RunSpec,
+    Signal,
+    SQLiteStore,
+    Store,
+    check_resubmission,
+)
+from ..stores._base import Outcome
 from ._context import MISSING, Context, _Scope, task_factory, utc
 from ._definitions import Step, Workflow, current_scope, resolve
 
@@ -47,6 +59,9 @@ O = TypeVar("O")  # noqa: E741
 T = TypeVar("T")
 
 DEFAULT_DB = ".corral/corral.db"
+
+_ids = random.Random(os.urandom(32))  # run ids: 128 random bits, without a syscall each
+os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))
 
 
 class _Evicted(BaseException):
@@ -120,13 +135,13 @@ class _Run:
         return entry
 
     def _write(self, key: str, kind: str, name: str, status: str, value: str | bytes | None,
-               started: float, ended: float | None, attempts: int = 1) -> asyncio.Future[None]:
+               started: float, ended: float | None, attempts: int = 1) -> asyncio.Future[Any]:
         self.activity += 1
         return self.rt._writer.journal(
             (self.id, key, kind, name, status, value, started, ended, attempts)
         )
 
-    async def _commit(self, future: asyncio.Future[None]) -> None:
+    async def _commit(self, future: asyncio.Future[Any]) -> None:
         try:
             await future
         except CorralError as exc:
@@ -265,7 +280,7 @@ class _Run:
                 spec = self.rt._spec(wf, value, child_id, queue or self.record.queue,
                                      self.record.priority if priority is None else priority,
                                      time.time(), None, None, parent_id=self.id)
-                self.rt._writer.batch.new_runs.append(spec)
+                self.rt._writer.batch.submits.append(spec)
             else:
                 child_id = json.loads(entry.value or "{}")["id"]
             pending = json.dumps({"id": child_id})
@@ -364,7 +379,7 @@ class _Writer:
     def __init__(self, rt: Runtime) -> None:
         self._rt = rt
         self.batch = Batch()
-        self._future: asyncio.Future[None] | None = None
+        self._future: asyncio.Future[dict[str, RunRecord]] | None = None
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -372,8 +387,8 @@ class _Writer:
             self._loop(), context=contextvars.Context()
         )
 
-    def pending(self) -> asyncio.Future[None]:
-        """The future of the batch being filled; resolved when it is committed."""
+    def pending(self) -> asyncio.Future[dict[str, RunRecord]]:
+        """The batch being filled; resolved on commit with the submitted runs that existed."""
         if self._future is None:
             self._future = asyncio.get_running_loop().create_future()
             self._future.add_done_callback(_consume)
@@ -381,7 +396,7 @@ class _Writer:
             self._idle.clear()
         return self._future
 
-    def journal(self, row: Any) -> asyncio.Future[None]:
+    def journal(self, row: Any) -> asyncio.Future[dict[str, RunRecord]]:
         self.batch.journal.append(row)
         return self.pending()
 
@@ -395,11 +410,11 @@ class _Writer:
                 self._idle.set()
                 continue
             try:
-                await self._rt._call(self._rt.store.apply, batch, time.time())
+                existing = await self._rt._call(self._rt.store.apply, batch, time.time())
             except Exception as exc:  # the store failed: every waiter learns it
                 future.set_exception(exc)
             else:
-                future.set_result(None)
+                future.set_result(existing)
                 if batch.signals or batch.finished:
                     self._rt._wake.set()
             if self._future is None:
@@ -417,7 +432,13 @@ class _Writer:
             pass
 
 
-def _consume(future: asyncio.Future[None]) -> None:
+def _resolve(futures: Any, outcome: Outcome) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(outcome)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
 
@@ -425,10 +446,12 @@ def _consume(future: asyncio.Future[None]) -> None:
 class RunHandle(Generic[O]):
     """A submitted run: wait for its result, signal it, cancel it, look at it."""
 
-    def __init__(self, rt: Runtime, run_id: str, output_type: Any = Any) -> None:
+    def __init__(self, rt: Runtime, run_id: str, output_type: Any = Any,
+                 fresh: bool = False) -> None:
         self._rt = rt
         self.id = run_id
         self._output_type = output_type
+        self._fresh = fresh  # just created by this process: no need to look it up first
 
     def __repr__(self) -> str:
         return f"RunHandle({self.id!r})"
@@ -438,14 +461,17 @@ class RunHandle(Generic[O]):
 
     async def result(self, timeout: float | None = None) -> O:
         """Wait for the run to finish; return its output, or raise RunFailed / RunCancelled."""
-        async with asyncio.timeout(timeout):
-            record = await self._rt._finished(self.id)
-        if record.status == "completed":
-            value: O = loads(record.result, self._output_type)
+        if timeout is None:
+            status, result, error_text = await self._rt._outcome(self.id, self._fresh)
+        else:
+            async with asyncio.timeout(timeout):
+                status, result, error_text = await self._rt._outcome(self.id, self._fresh)
+        if status == "completed":
+            value: O = loads(result, self._output_type)
             return value
-        if record.status == "cancelled":
+        if status == "cancelled":
             raise RunCancelled(f"run {self.id!r} was cancelled", run_id=self.id)
-        error = json.loads(record.error or "{}")
+        error = json.loads(error_text or "{}")
         raise RunFailed(
             f"run {self.id!r} failed: {error.get('type')}: {error.get('message')}",
             run_id=self.id, error_type=error.get("type"), error=error.get("message"),
@@ -492,7 +518,9 @@ class Runtime:
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-store")
         self._live: dict[str, _Run] = {}
-        self._done: dict[str, asyncio.Event] = {}
+        self._awaited: dict[str, list[asyncio.Future[Outcome]]] = {}
+        self._next_outcome_poll = 0.0
+        self._reserved = 0
         self._signal_seq = 0
         self._next_recovery = 0.0
         self._closing = False
@@ -594,7 +622,7 @@ class Runtime:
               concurrency_limit: int | None, parent_id: str | None = None) -> RunSpec:
         data = dumps(value).decode()
         return RunSpec(
-            id=run_id or uuid.uuid4().hex,
+            id=run_id or f"{_ids.getrandbits(128):032x}",
             workflow=wf.name,
             ref=wf.ref,
             input=data,
@@ -644,9 +672,26 @@ class Runtime:
             when += delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
         spec = self._spec(workflow, value, id, queue, priority, when, concurrency_key,
                           concurrency_limit)
-        await self._call(self.store.submit, spec, time.time())
+        now = time.time()
+        # A worker that can execute the run now takes it at once: no claim round trip.
+        mine = (
+            self.worker and not self._closing and when <= now and concurrency_key is None
+            and queue in self.queues and len(self._live) + self._reserved < self.max_runs
+        )
+        if mine:
+            spec.owner = self.id
+            self._reserved += 1
+        self._writer.batch.submits.append(spec)
+        try:
+            existing = (await self._writer.pending()).get(spec.id)
+        finally:
+            self._reserved -= mine
+        if existing is not None:
+            check_resubmission(existing, spec)
+        elif mine and not self._closing:
+            self._launch(Claimed(spec.record(now), {}, []))
         self._wake.set()
-        return RunHandle(self, spec.id, workflow.output_type)
+        return RunHandle(self, spec.id, workflow.output_type, fresh=existing is None)
 
     async def run(self, workflow: Workflow[Any, O], input: Any = None, **options: Any) -> O:
         """Start a run and wait for its output."""
@@ -672,17 +717,46 @@ class Runtime:
         await self._call(self.store.request_cancel, run_id, time.time())
         self._wake.set()
 
-    async def _finished(self, run_id: str) -> RunRecord:
-        while True:
+    async def _outcome(self, run_id: str, fresh: bool) -> Outcome:
+        """Wait for a run to finish: told at once when it ends here, polled when elsewhere."""
+        if not fresh and run_id not in self._awaited:
             record = await self._call(self.store.get_run, run_id)
             if record.finished:
-                return record
-            event = self._done.setdefault(run_id, asyncio.Event())
-            try:
-                async with asyncio.timeout(max(self.poll_interval, 0.2)):
-                    await event.wait()
-            except TimeoutError:
-                pass
+                return (record.status, record.result, record.error)
+        # one future per caller: cancelling one caller's wait leaves the others waiting
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._awaited.setdefault(run_id, []).append(future)
+        if not self.worker:
+            self._client_poller()
+        try:
+            return await future
+        finally:
+            waiters = self._awaited.get(run_id)
+            if waiters is not None and future in waiters:
+                waiters.remove(future)
+                if not waiters:
+                    del self._awaited[run_id]
+
+    def _client_poller(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(
+                self._poll_outcomes_forever(), context=contextvars.Context()
+            )
+
+    async def _poll_outcomes_forever(self) -> None:
+        while self._awaited:
+            await self._poll_outcomes(force=True)
+            await asyncio.sleep(self.poll_interval)
+
+    async def _poll_outcomes(self, force: bool = False) -> None:
+        """Resolve waiters on runs that finished in other processes (throttled)."""
+        now = time.monotonic()
+        remote = [run_id for run_id in self._awaited if run_id not in self._live]
+        if not remote or (not force and now < self._next_outcome_poll):
+            return
+        self._next_outcome_poll = now + max(0.25, self.poll_interval)
+        for run_id, outcome in (await self._call(self.store.outcomes, remote)).items():
+            _resolve(self._awaited.pop(run_id, ()), outcome)
 
     # -- the worker -------------------------------------------------------------------------
 
@@ -728,6 +802,7 @@ class Runtime:
             run = self._live.get(signal.run_id)
             if run is not None:
                 run.deliver(signal)
+        await self._poll_outcomes()
         for run_id in await self._call(self.store.cancel_requests, self.id):
             run = self._live.get(run_id)
             if run is not None:
@@ -764,6 +839,7 @@ class Runtime:
     async def _execute(self, run: _Run) -> None:
         run.started = True
         status, result, error = "completed", None, None
+        recorded = False
         try:
             try:
                 if run.cancel_requested and not run.journal:
@@ -800,6 +876,7 @@ class Runtime:
                 batch.signals.append((run.record.parent_id, f"$child:{run.id}",
                                       json.dumps(outcome)))
             await self._writer.pending()
+            recorded = True
         except _Evicted:
             await self._suspend(run)
         except CorralError as exc:  # the store failed while finishing: leave it to recovery
@@ -808,9 +885,8 @@ class Runtime:
             self._live.pop(run.id, None)
             if run.idle_check is not None:
                 run.idle_check.cancel()
-            event = self._done.pop(run.id, None)
-            if event is not None:
-                event.set()
+            if recorded:
+                _resolve(self._awaited.pop(run.id, ()), (status, result, error))
             self._events += 1
             self._wake.set()
 

@@ -1,6 +1,15 @@
 """Where corral keeps runs, journals and signals: SQLite embedded, PostgreSQL in a cluster."""
 
-from ._base import Batch, Claimed, JournalEntry, RunRecord, RunSpec, Signal, Store
+from ._base import (
+    Batch,
+    Claimed,
+    JournalEntry,
+    RunRecord,
+    RunSpec,
+    Signal,
+    Store,
+    check_resubmission,
+)
 from .sqlite import SQLiteStore
 
 __all__ = [
@@ -12,4 +21,5 @@ __all__ = [
     "SQLiteStore",
     "Signal",
     "Store",
+    "check_resubmission",
 ]

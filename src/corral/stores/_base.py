@@ -10,6 +10,8 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
+from .._errors import RunConflict
+
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 
 
@@ -28,6 +30,20 @@ class RunSpec:
     concurrency_key: str | None = None
     concurrency_limit: int | None = None
     parent_id: str | None = None
+    owner: str | None = None
+    """Set when the submitting worker executes the run itself: it is inserted already claimed."""
+
+    def record(self, now: float) -> RunRecord:
+        """The run as the store holds it right after inserting this spec."""
+        return RunRecord(
+            id=self.id, workflow=self.workflow, ref=self.ref, input=self.input,
+            input_hash=self.input_hash, status="running" if self.owner else "queued",
+            queue=self.queue, priority=self.priority, run_at=self.run_at,
+            concurrency_key=self.concurrency_key, concurrency_limit=self.concurrency_limit,
+            parent_id=self.parent_id, owner=self.owner, cancel_requested=False, result=None,
+            error=None, created_at=now, started_at=now if self.owner else None, ended_at=None,
+            attempts=1 if self.owner else 0,
+        )
 
 
 @dataclass(slots=True, kw_only=True)
@@ -90,6 +106,7 @@ class Claimed:
     signals: list[Signal]
 
 
+Outcome = tuple[str, "str | None", "str | None"]
 JournalRow = tuple[str, str, str, str, str, "str | bytes | None", float, "float | None", int]
 
 
@@ -97,10 +114,10 @@ JournalRow = tuple[str, str, str, str, str, "str | bytes | None", float, "float 
 class Batch:
     """Writes committed in one transaction (group commit across concurrent runs)."""
 
+    submits: list[RunSpec] = field(default_factory=list)
+    """New runs (submissions and child runs); a run whose id exists is left as it is."""
     journal: list[JournalRow] = field(default_factory=list)
     """(run_id, key, kind, name, status, value, started_at, ended_at, attempts), upserted."""
-    new_runs: list[RunSpec] = field(default_factory=list)
-    """Child runs; inserted unless a run with that id exists."""
     finished: list[tuple[str, str, str | None, str | None, float]] = field(default_factory=list)
     """(run_id, status, result, error, ended_at)."""
     signals: list[tuple[str, str, str]] = field(default_factory=list)
@@ -115,7 +132,7 @@ class Batch:
     def __len__(self) -> int:
         return (
             len(self.journal)
-            + len(self.new_runs)
+            + len(self.submits)
             + len(self.finished)
             + len(self.signals)
             + len(self.consumed)
@@ -124,20 +141,33 @@ class Batch:
         )
 
 
+def check_resubmission(existing: RunRecord, spec: RunSpec) -> None:
+    """The same id again is the same submission; anything else under that id is a conflict."""
+    if existing.workflow != spec.workflow:
+        raise RunConflict(
+            f"run id {spec.id!r} is taken by a run of workflow {existing.workflow!r}; "
+            "choose another id",
+            run_id=spec.id,
+        )
+    if existing.input_hash != spec.input_hash:
+        raise RunConflict(
+            f"run id {spec.id!r} was submitted before with another input; an id names one "
+            "submission, so choose another id",
+            run_id=spec.id,
+        )
+
+
 class Store(abc.ABC):
     """Persistence for runs, journals and signals."""
 
-    @abc.abstractmethod
-    def submit(self, spec: RunSpec, now: float) -> tuple[RunRecord, bool]:
-        """Insert a run; return it and whether it was created (False: the id existed)."""
 
     @abc.abstractmethod
     def claim(self, owner: str, queues: list[str], limit: int, now: float) -> list[Claimed]:
         """Take up to ``limit`` due runs, best priority first, within concurrency limits."""
 
     @abc.abstractmethod
-    def apply(self, batch: Batch, now: float) -> None:
-        """Commit a batch of writes atomically."""
+    def apply(self, batch: Batch, now: float) -> dict[str, RunRecord]:
+        """Commit a batch of writes atomically; return the runs that ``submits`` found existing."""
 
     @abc.abstractmethod
     def get_run(self, run_id: str) -> RunRecord:
@@ -148,6 +178,10 @@ class Store(abc.ABC):
         self, *, status: str | None = None, workflow: str | None = None, limit: int = 50
     ) -> list[RunRecord]:
         """Newest first."""
+
+    @abc.abstractmethod
+    def outcomes(self, run_ids: list[str]) -> dict[str, Outcome]:
+        """(status, result, error) of those runs that have finished."""
 
     @abc.abstractmethod
     def journal(self, run_id: str) -> list[JournalEntry]:

@@ -11,12 +11,13 @@ from contextlib import contextmanager
 from hashlib import blake2b
 from typing import Any
 
-from .._errors import RunConflict, RunFinished, RunNotFound, StoreError
+from .._errors import RunFinished, RunNotFound, StoreError
 from ._base import (
     TERMINAL,
     Batch,
     Claimed,
     JournalEntry,
+    Outcome,
     RunRecord,
     RunSpec,
     Signal,
@@ -258,52 +259,23 @@ class SQLiteStore(Store):
 
     # -- runs -------------------------------------------------------------------------------
 
-    def submit(self, spec: RunSpec, now: float) -> tuple[RunRecord, bool]:
-        with self._tx() as db:
-            row = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (spec.id,)).fetchone()
-            if row is not None:
-                existing = _run(row)
-                if existing.workflow != spec.workflow:
-                    raise RunConflict(
-                        f"run id {spec.id!r} is taken by a run of workflow "
-                        f"{existing.workflow!r}; choose another --id",
-                        run_id=spec.id,
-                    )
-                if existing.input_hash != spec.input_hash:
-                    raise RunConflict(
-                        f"run id {spec.id!r} was submitted before with another input; "
-                        "an id names one submission, so choose another --id",
-                        run_id=spec.id,
-                    )
-                return existing, False
-            self._insert(db, [spec], now)
-            row = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (spec.id,)).fetchone()
-            return _run(row), True
-
     @staticmethod
-    def _insert(db: sqlite3.Connection, specs: list[RunSpec], now: float) -> None:
-        db.executemany(
-            "INSERT OR IGNORE INTO runs (id, workflow, ref, input, input_hash, status, queue,"
-            " priority, run_at, concurrency_key, concurrency_limit, parent_id, created_at)"
-            " VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    s.id,
-                    s.workflow,
-                    s.ref,
-                    s.input,
-                    s.input_hash,
-                    s.queue,
-                    s.priority,
-                    s.run_at,
-                    s.concurrency_key,
-                    s.concurrency_limit,
-                    s.parent_id,
-                    now,
-                )
-                for s in specs
-            ],
-        )
+    def _insert(db: sqlite3.Connection, specs: list[RunSpec], now: float) -> dict[str, RunRecord]:
+        existing: dict[str, RunRecord] = {}
+        for s in specs:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO runs (id, workflow, ref, input, input_hash, status, queue,"
+                " priority, run_at, concurrency_key, concurrency_limit, parent_id, created_at,"
+                " owner, started_at, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (s.id, s.workflow, s.ref, s.input, s.input_hash,
+                 "running" if s.owner else "queued", s.queue, s.priority, s.run_at,
+                 s.concurrency_key, s.concurrency_limit, s.parent_id, now, s.owner,
+                 now if s.owner else None, 1 if s.owner else 0),
+            )
+            if cursor.rowcount == 0:
+                row = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (s.id,))
+                existing[s.id] = _run(row.fetchone())
+        return existing
 
     def claim(self, owner: str, queues: list[str], limit: int, now: float) -> list[Claimed]:
         if limit <= 0:
@@ -415,7 +387,7 @@ class SQLiteStore(Store):
                                                          payload=payload, created_at=created))
         return out
 
-    def apply(self, batch: Batch, now: float) -> None:
+    def apply(self, batch: Batch, now: float) -> dict[str, RunRecord]:
         journal = []
         blobs: dict[str, str] = {}
         for run_id, key, kind, name, status, value, started, ended, attempts in batch.journal:
@@ -426,9 +398,10 @@ class SQLiteStore(Store):
                 value = json.dumps(_split(json.loads(value), blobs), separators=(",", ":"))
                 enc = 1
             journal.append((run_id, key, kind, name, status, value, enc, started, ended, attempts))
+        existing: dict[str, RunRecord] = {}
         with self._tx() as db:
-            if batch.new_runs:
-                self._insert(db, batch.new_runs, now)
+            if batch.submits:
+                existing = self._insert(db, batch.submits, now)
             if blobs:
                 db.executemany("INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)",
                                list(blobs.items()))
@@ -464,6 +437,7 @@ class SQLiteStore(Store):
                     " AND status = 'running'",
                     [(run_at, run_id) for run_id, run_at in batch.released],
                 )
+        return existing
 
     @staticmethod
     def _signal(db: sqlite3.Connection, signals: list[tuple[str, str, str]], now: float) -> None:
@@ -503,6 +477,19 @@ class SQLiteStore(Store):
         sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
         with self._guard() as db:
             return [_run(r) for r in db.execute(sql, (*args, limit)).fetchall()]
+
+    def outcomes(self, run_ids: list[str]) -> dict[str, Outcome]:
+        out: dict[str, Outcome] = {}
+        with self._guard() as db:
+            for chunk in _chunks(run_ids):
+                for run_id, status, result, error in db.execute(
+                    "SELECT id, status, result, error FROM runs WHERE status IN"
+                    " ('completed', 'failed', 'cancelled')"
+                    f" AND id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ):
+                    out[run_id] = (status, result, error)
+        return out
 
     def journal(self, run_id: str) -> list[JournalEntry]:
         with self._guard() as db:
