@@ -60,8 +60,14 @@ T = TypeVar("T")
 
 DEFAULT_DB = ".corral/corral.db"
 
-_ids = random.Random(os.urandom(32))  # run ids: 128 random bits, without a syscall each
+_ids = random.Random(os.urandom(32))
 os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))
+
+
+def new_run_id() -> str:
+    """48 bits of milliseconds then 80 random bits, in hex: unique, and sorted by creation time
+    so that the store's indexes grow at one end instead of everywhere."""
+    return f"{int(time.time() * 1000):012x}{_ids.getrandbits(80):020x}"
 
 
 class _Evicted(BaseException):
@@ -102,6 +108,9 @@ class _Run:
         self.idle_check: asyncio.TimerHandle | None = None
         self.broken: NonDeterminismError | None = None
         self.wake: tuple[float | None, tuple[str, ...]] | None = None
+        # The commit of this run's latest write. Results are returned before they are durable,
+        # but nothing observable (a step body, the run's end) happens until they are.
+        self.barrier: asyncio.Future[Any] | None = None
         self.task: asyncio.Task[None] | None = None
         self.ctx = Context(self)
         for signal in claimed.signals:
@@ -137,9 +146,10 @@ class _Run:
     def _write(self, key: str, kind: str, name: str, status: str, value: str | bytes | None,
                started: float, ended: float | None, attempts: int = 1) -> asyncio.Future[Any]:
         self.activity += 1
-        return self.rt._writer.journal(
+        self.barrier = self.rt._writer.journal(
             (self.id, key, kind, name, status, value, started, ended, attempts)
         )
+        return self.barrier
 
     async def _commit(self, future: asyncio.Future[Any]) -> None:
         try:
@@ -160,8 +170,10 @@ class _Run:
                 return loads(entry.value, step.returns)
             raise _step_error(entry)
         self.busy += 1
-        started = time.time()
         try:
+            if self.barrier is not None and not self.barrier.done():
+                await self._commit(self.barrier)
+            started = time.time()
             failure: StepFailed | None = None
             token = current_scope.set(None)  # the body is not workflow code
             try:
@@ -182,13 +194,12 @@ class _Run:
             finally:
                 current_scope.reset(token)
             if failure is None:
-                await self._commit(self._write(key, "step", step.name, "ok", data, started,
-                                               time.time(), attempts))
+                self._write(key, "step", step.name, "ok", data, started, time.time(), attempts)
                 return value
             error = json.dumps({"type": failure.error_type, "message": failure.error,
                                 "attempts": failure.attempts})
-            await self._commit(self._write(key, "step", step.name, "error", error, started,
-                                           time.time(), failure.attempts))
+            self._write(key, "step", step.name, "error", error, started, time.time(),
+                        failure.attempts)
             raise failure
         finally:
             self.busy -= 1
@@ -415,7 +426,7 @@ class _Writer:
                 future.set_exception(exc)
             else:
                 future.set_result(existing)
-                if batch.signals or batch.finished:
+                if batch.signals:
                     self._rt._wake.set()
             if self._future is None:
                 self._idle.set()
@@ -521,6 +532,7 @@ class Runtime:
         self._awaited: dict[str, list[asyncio.Future[Outcome]]] = {}
         self._next_outcome_poll = 0.0
         self._reserved = 0
+        self._saturated = False
         self._signal_seq = 0
         self._next_recovery = 0.0
         self._closing = False
@@ -622,7 +634,7 @@ class Runtime:
               concurrency_limit: int | None, parent_id: str | None = None) -> RunSpec:
         data = dumps(value).decode()
         return RunSpec(
-            id=run_id or f"{_ids.getrandbits(128):032x}",
+            id=run_id or new_run_id(),
             workflow=wf.name,
             ref=wf.ref,
             input=data,
@@ -682,15 +694,19 @@ class Runtime:
             spec.owner = self.id
             self._reserved += 1
         self._writer.batch.submits.append(spec)
+        submitted = self._writer.pending()
+        if mine and id is None:  # a fresh id cannot exist: start now, its steps wait for commit
+            self._launch(Claimed(spec.record(now), {}, []), barrier=submitted)
         try:
-            existing = (await self._writer.pending()).get(spec.id)
+            existing = (await submitted).get(spec.id)
         finally:
             self._reserved -= mine
         if existing is not None:
             check_resubmission(existing, spec)
-        elif mine and not self._closing:
+        elif mine and not self._closing and id is not None:
             self._launch(Claimed(spec.record(now), {}, []))
-        self._wake.set()
+        if not mine or existing is not None:
+            self._wake.set()  # something for the worker to claim
         return RunHandle(self, spec.id, workflow.output_type, fresh=existing is None)
 
     async def run(self, workflow: Workflow[Any, O], input: Any = None, **options: Any) -> O:
@@ -796,6 +812,7 @@ class Runtime:
                 self._launch(item)
             claimed_any = bool(claimed)
             more = len(claimed) == min(free, 1000)
+        self._saturated = more or free <= 0
         signals, self._signal_seq = await self._call(self.store.signals_since,
                                                      self._signal_seq, self.id)
         for signal in signals:
@@ -819,7 +836,7 @@ class Runtime:
             run.cancel_delivered = True
             run.task.cancel()
 
-    def _launch(self, claimed: Claimed) -> None:
+    def _launch(self, claimed: Claimed, barrier: asyncio.Future[Any] | None = None) -> None:
         record = claimed.run
         try:
             wf = resolve(record.workflow, record.ref)
@@ -830,6 +847,7 @@ class Runtime:
             self._writer.pending()
             return
         run = _Run(self, claimed, wf)
+        run.barrier = barrier
         self._live[run.id] = run
         self._events += 1
         context = contextvars.Context()
@@ -888,7 +906,8 @@ class Runtime:
             if recorded:
                 _resolve(self._awaited.pop(run.id, ()), (status, result, error))
             self._events += 1
-            self._wake.set()
+            if self._saturated:  # capacity freed while due runs may be waiting for it
+                self._wake.set()
 
     async def _suspend(self, run: _Run) -> None:
         if run.wake is None:  # interrupted while busy: queue it again

@@ -241,6 +241,7 @@ class SQLiteStore(Store):
         if self.path != ":memory:":
             db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+        db.execute("PRAGMA cache_size=-65536")  # KiB: the hot part of the journal stays cached
         if version == 0:
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -262,25 +263,40 @@ class SQLiteStore(Store):
     @staticmethod
     def _insert(db: sqlite3.Connection, specs: list[RunSpec], now: float) -> dict[str, RunRecord]:
         existing: dict[str, RunRecord] = {}
-        for s in specs:
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO runs (id, workflow, ref, input, input_hash, status, queue,"
-                " priority, run_at, concurrency_key, concurrency_limit, parent_id, created_at,"
-                " owner, started_at, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        for chunk in _chunks([s.id for s in specs]):
+            rows = db.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            existing.update((row[0], _run(row)) for row in rows)
+        _many(
+            db,
+            "INSERT OR IGNORE INTO runs (id, workflow, ref, input, input_hash, status, queue,"
+            " priority, run_at, concurrency_key, concurrency_limit, parent_id, created_at,"
+            " owner, started_at, attempts) VALUES ",
+            [
                 (s.id, s.workflow, s.ref, s.input, s.input_hash,
                  "running" if s.owner else "queued", s.queue, s.priority, s.run_at,
                  s.concurrency_key, s.concurrency_limit, s.parent_id, now, s.owner,
-                 now if s.owner else None, 1 if s.owner else 0),
-            )
-            if cursor.rowcount == 0:
-                row = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (s.id,))
-                existing[s.id] = _run(row.fetchone())
+                 now if s.owner else None, 1 if s.owner else 0)
+                for s in specs
+                if s.id not in existing
+            ],
+        )
         return existing
 
     def claim(self, owner: str, queues: list[str], limit: int, now: float) -> list[Claimed]:
         if limit <= 0:
             return []
         marks = ",".join("?" * len(queues))
+        with self._guard() as db:  # most polls find nothing: don't take the write lock for that
+            due = db.execute(
+                "SELECT 1 FROM runs WHERE status IN ('queued', 'waiting') AND run_at <= ?"
+                f" AND queue IN ({marks}) LIMIT 1",
+                (now, *queues),
+            ).fetchone()
+        if due is None:
+            return []
         with self._tx() as db:
             rows = db.execute(
                 f"SELECT {_RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'waiting')"
@@ -312,11 +328,13 @@ class SQLiteStore(Store):
                     break
             if not chosen:
                 return []
-            db.executemany(
-                "UPDATE runs SET status = 'running', owner = ?, started_at = COALESCE(started_at,"
-                " ?), attempts = attempts + 1, waiting_on = NULL WHERE id = ?",
-                [(owner, now, r.id) for r in chosen],
-            )
+            for ids in _chunks([r.id for r in chosen]):
+                db.execute(
+                    "UPDATE runs SET status = 'running', owner = ?, started_at ="
+                    " COALESCE(started_at, ?), attempts = attempts + 1, waiting_on = NULL"
+                    f" WHERE id IN ({','.join('?' * len(ids))})",
+                    (owner, now, *ids),
+                )
             resumed = [r.id for r in chosen if r.started_at is not None]
             journals = self._journals(db, resumed)
             signals = self._pending_signals(db, [r.id for r in chosen])
@@ -403,12 +421,12 @@ class SQLiteStore(Store):
             if batch.submits:
                 existing = self._insert(db, batch.submits, now)
             if blobs:
-                db.executemany("INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)",
-                               list(blobs.items()))
+                _many(db, "INSERT OR IGNORE INTO blobs (hash, data) VALUES ", list(blobs.items()))
             if journal:
-                db.executemany(
+                _many(
+                    db,
                     "INSERT OR REPLACE INTO journal (run_id, key, kind, name, status, value, enc,"
-                    " started_at, ended_at, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " started_at, ended_at, attempts) VALUES ",
                     journal,
                 )
             if batch.consumed:
@@ -416,11 +434,13 @@ class SQLiteStore(Store):
             if batch.signals:
                 self._signal(db, batch.signals, now)
             if batch.finished:
-                db.executemany(
-                    "UPDATE runs SET status = ?, result = ?, error = ?, ended_at = ?, owner = NULL,"
-                    " run_at = NULL, waiting_on = NULL WHERE id = ?",
-                    [(status, result, error, ended, run_id)
-                     for run_id, status, result, error, ended in batch.finished],
+                _many(
+                    db,
+                    "UPDATE runs SET status = v.column2, result = v.column3, error = v.column4,"
+                    " ended_at = v.column5, owner = NULL, run_at = NULL, waiting_on = NULL"
+                    " FROM (VALUES ",
+                    batch.finished,
+                    ") AS v WHERE runs.id = v.column1",
                 )
             for run_id, wake_at, names in batch.suspended:
                 wanted = ",".join("?" * len(names)) or "NULL"
@@ -591,6 +611,24 @@ def _collect_refs(node: Any, refs: set[str]) -> None:
         else:
             for item in node.values():
                 _collect_refs(item, refs)
+
+
+def _many(
+    db: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any]], tail: str = ""
+) -> None:
+    """Write many rows with few statements: sqlite3 hands the GIL back and forth per statement,
+    and each hand-off can wait for a busy event loop, so one statement per row is slow."""
+    if not rows:
+        return
+    width = len(rows[0])
+    group = "(" + ",".join("?" * width) + ")"
+    step = max(1, 30000 // width)
+    for start in range(0, len(rows), step):
+        part = rows[start : start + step]
+        db.execute(
+            head + ",".join([group] * len(part)) + tail,
+            [value for row in part for value in row],
+        )
 
 
 def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:
