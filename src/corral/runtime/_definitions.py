@@ -12,11 +12,11 @@ import os
 import random
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, get_type_hints
 
 from .._errors import InvalidInput, NonRetryable, StepFailed, UsageError, WorkflowNotFound
-from .._serde import adapter
+from .._serde import adapter, dumps
 
 if TYPE_CHECKING:
     from ._context import Context, _Scope
@@ -144,19 +144,28 @@ def step(
     fn: Callable[P, Awaitable[R]] | None = None,
     *,
     name: str | None = None,
-    retries: int = 3,
+    retries: int | None = None,
     timeout: float | None = None,
     retry: RetryPolicy | None = None,
     non_retryable: tuple[type[BaseException], ...] = (),
 ) -> Any:
     """Make a function a durable step.
 
-    ``retries`` is the number of retries after the first attempt (so ``retries=3`` tries four
-    times), with the default backoff; pass ``retry=RetryPolicy(...)`` for full control.
+    ``retries`` is the number of retries after the first attempt (default 3, so four attempts),
+    with the default backoff; pass ``retry=RetryPolicy(...)`` for full control instead.
+    ``non_retryable`` exception types fail the step at once (added to ``retry``'s own).
     ``timeout`` bounds each attempt, in seconds. A parameter named ``idempotency_key`` receives
     a key that is stable across retries and crashes, to pass to the outside world.
     """
-    policy = retry or RetryPolicy(max_attempts=retries + 1, non_retryable=non_retryable)
+    if retry is not None and retries is not None:
+        raise UsageError("pass retries=N or retry=RetryPolicy(...), not both")
+    if retries is not None and retries < 0:
+        raise UsageError(f"retries must not be negative, not {retries}")
+    if retry is None:
+        policy = RetryPolicy(max_attempts=(3 if retries is None else retries) + 1,
+                             non_retryable=non_retryable)
+    else:
+        policy = replace(retry, non_retryable=(*retry.non_retryable, *non_retryable))
 
     def wrap(f: Callable[P, Awaitable[R]]) -> Step[P, R]:
         return Step(f, name=name or f.__qualname__, retry=policy, timeout=timeout)
@@ -208,6 +217,20 @@ class Workflow(Generic[I, O]):
                 f"pass a value matching {_type_name(self.input_type)}",
                 workflow=self.name,
             ) from None
+
+    def dump_output(self, value: Any) -> str:
+        """The output as JSON, checked against the return annotation."""
+        if self.output_type is not Any:
+            try:
+                value = adapter(self.output_type).validate_python(value)
+            except ValueError as exc:
+                raise UsageError(
+                    f"workflow {self.name!r} returned {value!r:.80} where its return "
+                    f"annotation says {_type_name(self.output_type)} ({_first_error(exc)}); "
+                    "return a matching value or change the annotation",
+                    workflow=self.name,
+                ) from None
+        return dumps(value).decode()
 
     def parse_input(self, text: str | None) -> Any:
         if text is None:

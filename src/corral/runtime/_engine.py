@@ -195,7 +195,8 @@ class _Run:
                 current_scope.reset(token)
             if failure is None:
                 self._write(key, "step", step.name, "ok", data, started, time.time(), attempts)
-                return value
+                # what replay will return, so that the code after a step sees the same thing
+                return loads(data, step.returns)
             error = json.dumps({"type": failure.error_type, "message": failure.error,
                                 "attempts": failure.attempts})
             self._write(key, "step", step.name, "error", error, started, time.time(),
@@ -390,7 +391,7 @@ class _Writer:
     def __init__(self, rt: Runtime) -> None:
         self._rt = rt
         self.batch = Batch()
-        self._future: asyncio.Future[dict[str, RunRecord]] | None = None
+        self._future: asyncio.Future[dict[int, RunRecord]] | None = None
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -398,7 +399,7 @@ class _Writer:
             self._loop(), context=contextvars.Context()
         )
 
-    def pending(self) -> asyncio.Future[dict[str, RunRecord]]:
+    def pending(self) -> asyncio.Future[dict[int, RunRecord]]:
         """The batch being filled; resolved on commit with the submitted runs that existed."""
         if self._future is None:
             self._future = asyncio.get_running_loop().create_future()
@@ -407,7 +408,7 @@ class _Writer:
             self._idle.clear()
         return self._future
 
-    def journal(self, row: Any) -> asyncio.Future[dict[str, RunRecord]]:
+    def journal(self, row: Any) -> asyncio.Future[dict[int, RunRecord]]:
         self.batch.journal.append(row)
         return self.pending()
 
@@ -693,12 +694,13 @@ class Runtime:
         if mine:
             spec.owner = self.id
             self._reserved += 1
+        position = len(self._writer.batch.submits)
         self._writer.batch.submits.append(spec)
         submitted = self._writer.pending()
         if mine and id is None:  # a fresh id cannot exist: start now, its steps wait for commit
             self._launch(Claimed(spec.record(now), {}, []), barrier=submitted)
         try:
-            existing = (await submitted).get(spec.id)
+            existing = (await submitted).get(position)
         finally:
             self._reserved -= mine
         if existing is not None:
@@ -735,7 +737,7 @@ class Runtime:
 
     async def _outcome(self, run_id: str, fresh: bool) -> Outcome:
         """Wait for a run to finish: told at once when it ends here, polled when elsewhere."""
-        if not fresh and run_id not in self._awaited:
+        if (not fresh or run_id not in self._live) and run_id not in self._awaited:
             record = await self._call(self.store.get_run, run_id)
             if record.finished:
                 return (record.status, record.result, record.error)
@@ -868,7 +870,7 @@ class Runtime:
                     output = await run.wf.fn(run.ctx)
                 if run.broken is not None:
                     raise run.broken
-                result = dumps(output).decode()
+                result = run.wf.dump_output(output)
             except asyncio.CancelledError:
                 if not run.cancel_requested or run.evicting:
                     raise _Evicted() from None

@@ -166,8 +166,12 @@ class Store(abc.ABC):
         """Take up to ``limit`` due runs, best priority first, within concurrency limits."""
 
     @abc.abstractmethod
-    def apply(self, batch: Batch, now: float) -> dict[str, RunRecord]:
-        """Commit a batch of writes atomically; return the runs that ``submits`` found existing."""
+    def apply(self, batch: Batch, now: float) -> dict[int, RunRecord]:
+        """Commit a batch of writes atomically.
+
+        Returns, by position in ``submits``, the runs that already existed under that id
+        (earlier in the store, or earlier in the same batch).
+        """
 
     @abc.abstractmethod
     def get_run(self, run_id: str) -> RunRecord:

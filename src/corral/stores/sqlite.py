@@ -261,14 +261,22 @@ class SQLiteStore(Store):
     # -- runs -------------------------------------------------------------------------------
 
     @staticmethod
-    def _insert(db: sqlite3.Connection, specs: list[RunSpec], now: float) -> dict[str, RunRecord]:
-        existing: dict[str, RunRecord] = {}
+    def _insert(db: sqlite3.Connection, specs: list[RunSpec], now: float) -> dict[int, RunRecord]:
+        stored: dict[str, RunRecord] = {}
         for chunk in _chunks([s.id for s in specs]):
             rows = db.execute(
                 f"SELECT {_RUN_COLUMNS} FROM runs WHERE id IN ({','.join('?' * len(chunk))})",
                 chunk,
             )
-            existing.update((row[0], _run(row)) for row in rows)
+            stored.update((row[0], _run(row)) for row in rows)
+        existing: dict[int, RunRecord] = {}
+        new: list[RunSpec] = []
+        for position, spec in enumerate(specs):
+            if spec.id in stored:
+                existing[position] = stored[spec.id]
+            else:  # the first submission of an id in this batch wins
+                new.append(spec)
+                stored[spec.id] = spec.record(now)
         _many(
             db,
             "INSERT OR IGNORE INTO runs (id, workflow, ref, input, input_hash, status, queue,"
@@ -279,8 +287,7 @@ class SQLiteStore(Store):
                  "running" if s.owner else "queued", s.queue, s.priority, s.run_at,
                  s.concurrency_key, s.concurrency_limit, s.parent_id, now, s.owner,
                  now if s.owner else None, 1 if s.owner else 0)
-                for s in specs
-                if s.id not in existing
+                for s in new
             ],
         )
         return existing
@@ -405,7 +412,7 @@ class SQLiteStore(Store):
                                                          payload=payload, created_at=created))
         return out
 
-    def apply(self, batch: Batch, now: float) -> dict[str, RunRecord]:
+    def apply(self, batch: Batch, now: float) -> dict[int, RunRecord]:
         journal = []
         blobs: dict[str, str] = {}
         for run_id, key, kind, name, status, value, started, ended, attempts in batch.journal:
@@ -416,7 +423,7 @@ class SQLiteStore(Store):
                 value = json.dumps(_split(json.loads(value), blobs), separators=(",", ":"))
                 enc = 1
             journal.append((run_id, key, kind, name, status, value, enc, started, ended, attempts))
-        existing: dict[str, RunRecord] = {}
+        existing: dict[int, RunRecord] = {}
         with self._tx() as db:
             if batch.submits:
                 existing = self._insert(db, batch.submits, now)
