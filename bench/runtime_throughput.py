@@ -35,7 +35,7 @@ async def three_steps(ctx: corral.Context, n: int) -> int:
 async def measure(runs: int, concurrency: int, durability: str) -> dict[str, float]:
     folder = Path(tempfile.mkdtemp(prefix="corral-bench-"))
     try:
-        async with corral.Runtime(folder / "bench.db", max_runs=concurrency,
+        async with corral.Runtime(folder / "bench.db", max_runs=2 * concurrency,
                                   durability=durability) as rt:
             rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             next_run = iter(range(runs))

@@ -59,6 +59,7 @@ O = TypeVar("O")  # noqa: E741
 T = TypeVar("T")
 
 DEFAULT_DB = ".corral/corral.db"
+RECENT_OUTCOMES = 1024  # outcomes of runs finished here that nobody has asked for yet
 
 _ids = random.Random(os.urandom(32))
 os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))
@@ -531,6 +532,7 @@ class Runtime:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-store")
         self._live: dict[str, _Run] = {}
         self._awaited: dict[str, list[asyncio.Future[Outcome]]] = {}
+        self._recent: dict[str, Outcome] = {}
         self._next_outcome_poll = 0.0
         self._reserved = 0
         self._saturated = False
@@ -737,7 +739,10 @@ class Runtime:
 
     async def _outcome(self, run_id: str, fresh: bool) -> Outcome:
         """Wait for a run to finish: told at once when it ends here, polled when elsewhere."""
-        if (not fresh or run_id not in self._live) and run_id not in self._awaited:
+        recent = self._recent.get(run_id)
+        if recent is not None:
+            return recent
+        if not fresh and run_id not in self._awaited:
             record = await self._call(self.store.get_run, run_id)
             if record.finished:
                 return (record.status, record.result, record.error)
@@ -906,7 +911,13 @@ class Runtime:
             if run.idle_check is not None:
                 run.idle_check.cancel()
             if recorded:
-                _resolve(self._awaited.pop(run.id, ()), (status, result, error))
+                waiters = self._awaited.pop(run.id, None)
+                if waiters:
+                    _resolve(waiters, (status, result, error))
+                else:  # for a result() that comes later: no store round trip
+                    self._recent[run.id] = (status, result, error)
+                    if len(self._recent) > RECENT_OUTCOMES:
+                        del self._recent[next(iter(self._recent))]
             self._events += 1
             if self._saturated:  # capacity freed while due runs may be waiting for it
                 self._wake.set()
