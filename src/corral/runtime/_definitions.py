@@ -8,6 +8,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import json
 import os
 import random
 import sys
@@ -88,6 +89,11 @@ class Step(Generic[P, R]):
     @property
     def returns(self) -> Any:
         return self._returns
+
+    @functools.cached_property
+    def decode(self) -> Callable[[str | bytes], Any]:
+        """JSON text to the step's return type (plain JSON data without an annotation)."""
+        return json.loads if self._returns is Any else adapter(self._returns).validate_json
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         scope = current_scope.get()

@@ -89,6 +89,12 @@ class _Waiter:
 class _Run:
     """A run live in this process."""
 
+    __slots__ = (
+        "activity", "barrier", "broken", "busy", "cancel_delivered", "cancel_requested", "ctx",
+        "evicting", "finalizing", "id", "idle_check", "inbox", "journal", "record", "rt",
+        "seen", "started", "task", "wake", "waiters", "waits", "wf",
+    )
+
     def __init__(self, rt: Runtime, claimed: Claimed, wf: Workflow[Any, Any]) -> None:
         self.rt = rt
         self.record = claimed.run
@@ -168,7 +174,7 @@ class _Run:
         entry = self._begin(key, "step", step.name)
         if entry is not None:
             if entry.status == "ok":
-                return loads(entry.value, step.returns)
+                return step.decode(entry.value or "null")
             raise _step_error(entry)
         self.busy += 1
         try:
@@ -197,7 +203,7 @@ class _Run:
             if failure is None:
                 self._write(key, "step", step.name, "ok", data, started, time.time(), attempts)
                 # what replay will return, so that the code after a step sees the same thing
-                return loads(data, step.returns)
+                return step.decode(data)
             error = json.dumps({"type": failure.error_type, "message": failure.error,
                                 "attempts": failure.attempts})
             self._write(key, "step", step.name, "error", error, started, time.time(),
@@ -411,7 +417,7 @@ class _Writer:
 
     def journal(self, row: Any) -> asyncio.Future[dict[int, RunRecord]]:
         self.batch.journal.append(row)
-        return self.pending()
+        return self._future or self.pending()
 
     async def _loop(self) -> None:
         while True:

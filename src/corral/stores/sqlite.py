@@ -270,13 +270,16 @@ class SQLiteStore(Store):
             )
             stored.update((row[0], _run(row)) for row in rows)
         existing: dict[int, RunRecord] = {}
+        first: dict[str, RunSpec] = {}
         new: list[RunSpec] = []
         for position, spec in enumerate(specs):
             if spec.id in stored:
                 existing[position] = stored[spec.id]
-            else:  # the first submission of an id in this batch wins
+            elif spec.id in first:  # the first submission of an id in this batch wins
+                existing[position] = first[spec.id].record(now)
+            else:
                 new.append(spec)
-                stored[spec.id] = spec.record(now)
+                first[spec.id] = spec
         _many(
             db,
             "INSERT OR IGNORE INTO runs (id, workflow, ref, input, input_hash, status, queue,"
