@@ -66,9 +66,18 @@ class NonDeterminismError(CorralError):
 class StepFailed(CorralError):
     """A step failed after its retries; ``error_type`` and ``error`` describe the last attempt."""
 
+    step: str
+    error_type: str
+    error: str
+    attempts: int
+
 
 class RunFailed(CorralError):
     """A run (or a child run) ended with an error."""
+
+    run_id: str
+    error_type: str | None
+    error: str | None
 
 
 class RunCancelled(CorralError):

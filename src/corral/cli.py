@@ -174,7 +174,8 @@ def _runs(args: argparse.Namespace) -> int:
             if run.error is not None:
                 error = json.loads(run.error)
                 print(f"error     {error.get('type')}: {error.get('message')}")
-            print(f"\n{'KEY':8} {'KIND':6} {'NAME':20} {'STATUS':8} {'TOOK':>9} {'TRIES':>5}  VALUE")
+            header = f"{'KEY':8} {'KIND':6} {'NAME':20} {'STATUS':8} {'TOOK':>9} {'TRIES':>5}"
+            print(f"\n{header}  VALUE")
             for e in entries:
                 value = "" if e.value is None else _short(json.loads(e.value))
                 print(f"{e.key:8} {e.kind:6} {e.name[:20]:20} {e.status:8}"

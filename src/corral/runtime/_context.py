@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import random
+import random as _random
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -69,7 +69,7 @@ class Context:
 
     def __init__(self, run: _Run) -> None:
         self._run = run
-        self._rng: random.Random | None = None
+        self._rng: _random.Random | None = None
 
     def _scope(self, what: str) -> _Scope:
         scope = current_scope.get()
@@ -100,14 +100,14 @@ class Context:
         """The current time, recorded on first execution and the same on every replay."""
         return self._run.now(self._scope("now()"))
 
-    def random(self) -> random.Random:
+    def random(self) -> _random.Random:
         """A random generator seeded by the run id: the same sequence on every replay."""
         self._scope("random()")
         return self._seeded()
 
-    def _seeded(self) -> random.Random:
+    def _seeded(self) -> _random.Random:
         if self._rng is None:
-            self._rng = random.Random(self._run.id)
+            self._rng = _random.Random(self._run.id)
         return self._rng
 
     def uuid4(self) -> uuid.UUID:

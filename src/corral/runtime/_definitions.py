@@ -116,7 +116,7 @@ class Step(Generic[P, R]):
                 if self.is_async:
                     call = self.fn(*args, **kwargs)
                 else:
-                    call = asyncio.to_thread(self.fn, *args, **kwargs)
+                    call = asyncio.to_thread(self.fn, *args, **kwargs)  # type: ignore[arg-type]
                 if self.timeout is None:
                     value: R = await call  # type: ignore[misc]
                 else:

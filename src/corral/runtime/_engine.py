@@ -10,6 +10,7 @@ single store thread, so thousands of concurrent runs share each fsync.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import fcntl
 import json
@@ -90,9 +91,28 @@ class _Run:
     """A run live in this process."""
 
     __slots__ = (
-        "activity", "barrier", "broken", "busy", "cancel_delivered", "cancel_requested", "ctx",
-        "evicting", "finalizing", "id", "idle_check", "inbox", "journal", "record", "rt",
-        "seen", "started", "task", "wake", "waiters", "waits", "wf",
+        "activity",
+        "barrier",
+        "broken",
+        "busy",
+        "cancel_delivered",
+        "cancel_requested",
+        "ctx",
+        "evicting",
+        "finalizing",
+        "id",
+        "idle_check",
+        "inbox",
+        "journal",
+        "record",
+        "rt",
+        "seen",
+        "started",
+        "task",
+        "waiters",
+        "waits",
+        "wake",
+        "wf",
     )
 
     def __init__(self, rt: Runtime, claimed: Claimed, wf: Workflow[Any, Any]) -> None:
@@ -445,10 +465,8 @@ class _Writer:
     async def close(self) -> None:
         await self._idle.wait()
         self._task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        except asyncio.CancelledError:
-            pass
 
 
 def _resolve(futures: Any, outcome: Outcome) -> None:
@@ -569,7 +587,7 @@ class Runtime:
         self._previous_factory = loop.get_task_factory()
         if self._previous_factory not in (None, task_factory):
             raise UsageError("corral needs the event loop's task factory; another one is set")
-        loop.set_task_factory(task_factory)  # type: ignore[arg-type]
+        loop.set_task_factory(task_factory)
         if self.worker:
             self._take_lock()
             self._signal_seq = (await self._call(self.store.signals_since, 0, self.id))[1]
@@ -582,10 +600,8 @@ class Runtime:
         self._closing = True
         if self._loop_task is not None:
             self._loop_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-            except asyncio.CancelledError:
-                pass
         await self._evict(list(self._live.values()), force=True)
         await self._writer.close()
         asyncio.get_running_loop().set_task_factory(self._previous_factory)
@@ -888,9 +904,8 @@ class Runtime:
                 status = "cancelled"
             except _Evicted:
                 raise
-            except Exception as exc:
-                if run.broken is not None:
-                    exc = run.broken
+            except Exception as raised:
+                exc: BaseException = run.broken or raised
                 status = "failed"
                 error = json.dumps({
                     "type": type(exc).__name__,
@@ -983,7 +998,7 @@ class Runtime:
             progress, target = self._progress(), self._ticks + 2
             self._wake.set()
             async with self._ticked:
-                await self._ticked.wait_for(lambda: self._ticks >= target)
+                await self._ticked.wait_for(lambda: self._ticks >= target)  # noqa: B023
             if (
                 self._claimed_last == 0
                 and progress == self._progress()
