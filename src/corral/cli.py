@@ -48,7 +48,7 @@ async def _run(args: argparse.Namespace) -> int:
     value = wf.parse_input(args.input)
     if (args.concurrency_key is None) != (args.concurrency_limit is None):
         raise UsageError("--concurrency-key and --concurrency-limit go together; pass both")
-    async with Runtime(_db(args), queues=(args.queue,)) as rt:
+    async with Runtime(_db(args), queues=(args.queue,), worker=not args.no_wait) as rt:
         handle = await rt.start(
             wf,
             value,

@@ -239,8 +239,15 @@ class Workflow(Generic[I, O]):
         return dumps(value).decode()
 
     def parse_input(self, text: str | None) -> Any:
+        """Validate the JSON text of ``--input`` (None: the option was not given)."""
+        if text is None and self.takes_input:
+            raise InvalidInput(
+                f"workflow {self.name!r} takes an input ({_type_name(self.input_type)}); "
+                "pass it as --input JSON",
+                workflow=self.name,
+            )
         if text is None:
-            return self.validate_input(None)
+            return None
         if not self.takes_input:
             return self.validate_input(text)
         try:
