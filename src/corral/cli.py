@@ -12,7 +12,15 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from ._errors import CorralError, RunCancelled, RunFailed, UsageError
+from ._errors import (
+    CorralError,
+    RunCancelled,
+    RunConflict,
+    RunFailed,
+    RunFinished,
+    RunNotFound,
+    UsageError,
+)
 from .runtime import DEFAULT_DB, Runtime, load_workflow
 from .stores import JournalEntry, RunRecord, SQLiteStore
 
@@ -48,7 +56,8 @@ async def _run(args: argparse.Namespace) -> int:
     value = wf.parse_input(args.input)
     if (args.concurrency_key is None) != (args.concurrency_limit is None):
         raise UsageError("--concurrency-key and --concurrency-limit go together; pass both")
-    async with Runtime(_db(args), queues=(args.queue,), worker=not args.no_wait) as rt:
+    async with Runtime(_db(args), queues=(args.queue,), worker=not args.no_wait,
+                       lock_timeout=args.lock_timeout) as rt:
         handle = await rt.start(
             wf,
             value,
@@ -75,7 +84,8 @@ async def _run(args: argparse.Namespace) -> int:
 
 async def _worker(args: argparse.Namespace) -> int:
     queues = tuple(args.queue or ["default"])
-    async with Runtime(_db(args), queues=queues, max_runs=args.max_runs) as rt:
+    async with Runtime(_db(args), queues=queues, max_runs=args.max_runs,
+                       lock_timeout=args.lock_timeout) as rt:
         if args.drain:
             await rt.drain()
         else:
@@ -141,7 +151,7 @@ def _short(value: Any, width: int = 60) -> str:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    store = SQLiteStore(_db(args))
+    store = SQLiteStore(_db(args), timeout=args.lock_timeout)
     try:
         if args.runs_command == "ls":
             runs = store.list_runs(status=args.status, workflow=args.workflow, limit=args.limit)
@@ -246,8 +256,11 @@ def parser() -> argparse.ArgumentParser:
     signal.add_argument("run_id")
     signal.add_argument("name")
     signal.add_argument("value", help="the signal's value as JSON")
-    for sub in (ls, show, cancel, signal):
-        sub.add_argument("--db", help=db_help)
+    for sub in (run, worker, ls, show, cancel, signal):
+        if sub not in (run, worker):
+            sub.add_argument("--db", help=db_help)
+        sub.add_argument("--lock-timeout", type=float, default=5.0, metavar="SECONDS",
+                         help="how long to wait for another process's lock on the database")
     return top
 
 
@@ -260,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "worker":
             return asyncio.run(_worker(args))
         return _runs(args)
-    except UsageError as exc:
+    except (UsageError, RunNotFound, RunFinished, RunConflict) as exc:  # the command was wrong
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except CorralError as exc:

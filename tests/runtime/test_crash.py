@@ -16,7 +16,8 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,7 @@ class Kill:
 
     offset: int  # log lines written before the kill
     ok_keys: set[str]  # idempotency keys of steps journaled as ok
-    runs: dict[str, str] = field(default_factory=dict)  # run id -> status
+    runs: dict[str, str]  # run id -> status
 
 
 class Cluster:
@@ -141,8 +142,8 @@ class Cluster:
     def lines(self) -> list[Line]:
         return [Line(*text.split(" ")) for text in self.log.read_text().splitlines()]
 
-    def kill_worker(self, when: Any, deadline: float = 30.0) -> Kill:
-        """Start `corral worker`; SIGKILL it once ``when(lines it wrote)``; return the state then."""
+    def kill_worker(self, when: Callable[[list[Line]], bool], deadline: float = 30.0) -> Kill:
+        """Start `corral worker`; SIGKILL it once ``when(its lines)``; return the state then."""
         self.workers += 1
         start = len(self.lines())
         stderr_path = self.tmp / f"worker-{self.workers}.stderr"

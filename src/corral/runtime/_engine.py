@@ -76,6 +76,10 @@ class _Evicted(BaseException):
     """Unwinds a run out of memory (idle, shutting down, or its store failed); not an error."""
 
 
+class _Unsubmitted(_Evicted):
+    """Unwinds a run started before its submission committed, when that commit failed."""
+
+
 class _Waiter:
     __slots__ = ("deadline", "future", "names", "timer")
 
@@ -108,6 +112,7 @@ class _Run:
         "rt",
         "seen",
         "started",
+        "submission",
         "task",
         "waiters",
         "waits",
@@ -138,6 +143,7 @@ class _Run:
         # The commit of this run's latest write. Results are returned before they are durable,
         # but nothing observable (a step body, the run's end) happens until they are.
         self.barrier: asyncio.Future[Any] | None = None
+        self.submission: asyncio.Future[Any] | None = None  # when started before it commits
         self.task: asyncio.Task[None] | None = None
         self.ctx = Context(self)
         for signal in claimed.signals:
@@ -182,8 +188,10 @@ class _Run:
         try:
             await future
         except CorralError as exc:
-            log.error("run %s: cannot write its journal (%s); releasing it", self.id, exc)
             self.evicting = True
+            if future is self.submission:  # the run was never stored: start() reports why
+                raise _Unsubmitted() from exc
+            log.error("run %s: cannot write its journal (%s); releasing it", self.id, exc)
             raise _Evicted() from exc
 
     # -- operations -------------------------------------------------------------------------
@@ -412,6 +420,14 @@ def _step_error(entry: JournalEntry) -> StepFailed:
     )
 
 
+class _Commit(asyncio.Future[dict[int, RunRecord]]):
+    """A batch's commit. Many runs wait on it, so one waiter being cancelled must not cancel
+    it for all: the cancelled task gets its CancelledError when the commit is done."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
 class _Writer:
     """Group commit: writes from every run accumulate while the previous batch commits."""
 
@@ -429,7 +445,7 @@ class _Writer:
     def pending(self) -> asyncio.Future[dict[int, RunRecord]]:
         """The batch being filled; resolved on commit with the submitted runs that existed."""
         if self._future is None:
-            self._future = asyncio.get_running_loop().create_future()
+            self._future = _Commit(loop=asyncio.get_running_loop())
             self._future.add_done_callback(_consume)
             self._wakeup.set()
             self._idle.clear()
@@ -538,6 +554,7 @@ class Runtime:
         poll_interval: float = 0.05,
         idle_after: float = 5.0,
         durability: str = "full",
+        lock_timeout: float = 5.0,
     ) -> None:
         if isinstance(db, Store):
             self.store: Store = db
@@ -546,7 +563,7 @@ class Runtime:
         else:
             self._owns_store = True
             self._path = os.fspath(db)
-            self.store = SQLiteStore(self._path, durability=durability)
+            self.store = SQLiteStore(self._path, durability=durability, timeout=lock_timeout)
         self.worker = worker
         self.queues = list(queues)
         self.max_runs = max_runs
@@ -876,7 +893,7 @@ class Runtime:
             self._writer.pending()
             return
         run = _Run(self, claimed, wf)
-        run.barrier = barrier
+        run.barrier = run.submission = barrier
         self._live[run.id] = run
         self._events += 1
         context = contextvars.Context()
@@ -923,6 +940,8 @@ class Runtime:
                                       json.dumps(outcome)))
             await self._writer.pending()
             recorded = True
+        except _Unsubmitted:
+            pass
         except _Evicted:
             await self._suspend(run)
         except CorralError as exc:  # the store failed while finishing: leave it to recovery
