@@ -17,6 +17,10 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(PIP) -e '.[dev]'
 	touch $@ $(VENV)/.demo
 
+$(VENV)/.bench: pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[dev,bench]'
+	touch $@ $(VENV)/.dev $(VENV)/.demo
+
 demo: $(VENV)/.demo
 	$(BIN)/python examples/demo.py
 
@@ -27,10 +31,12 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
 
-bench: $(VENV)/.dev
+bench: $(VENV)/.bench
 	$(BIN)/python bench/runtime_throughput.py
 	$(BIN)/python bench/runtime_concurrency.py
 	$(BIN)/python bench/journal_growth.py
+	$(BIN)/python bench/peers/langgraph_throughput.py
+	$(BIN)/python bench/peers/langgraph_journal_growth.py
 
 clean:
 	rm -rf $(VENV) .corral .pytest_cache

@@ -727,26 +727,30 @@ class Runtime:
         spec = self._spec(workflow, value, id, queue, priority, when, concurrency_key,
                           concurrency_limit)
         now = time.time()
-        # A worker that can execute the run now takes it at once: no claim round trip.
+        # A worker that can execute the run now takes it at once: no claim round trip. With a
+        # fresh id (it cannot exist yet) the run starts before the submission commits; its
+        # first step waits for that commit. With a given id it starts after, if it was new.
         mine = (
             self.worker and not self._closing and when <= now and concurrency_key is None
             and queue in self.queues and len(self._live) + self._reserved < self.max_runs
         )
+        early = mine and id is None
         if mine:
             spec.owner = self.id
-            self._reserved += 1
         position = len(self._writer.batch.submits)
         self._writer.batch.submits.append(spec)
         submitted = self._writer.pending()
-        if mine and id is None:  # a fresh id cannot exist: start now, its steps wait for commit
+        if early:
             self._launch(Claimed(spec.record(now), {}, []), barrier=submitted)
+        elif mine:
+            self._reserved += 1  # held until the commit says whether the run is new
         try:
             existing = (await submitted).get(position)
         finally:
-            self._reserved -= mine
+            self._reserved -= mine and not early
         if existing is not None:
             check_resubmission(existing, spec)
-        elif mine and not self._closing and id is not None:
+        elif mine and not early and not self._closing:
             self._launch(Claimed(spec.record(now), {}, []))
         if not mine or existing is not None:
             self._wake.set()  # something for the worker to claim

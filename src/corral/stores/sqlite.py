@@ -68,11 +68,11 @@ CREATE TABLE IF NOT EXISTS journal (
     ended_at REAL,
     attempts INTEGER NOT NULL,
     PRIMARY KEY (run_id, key)
-) WITHOUT ROWID;
+);
 CREATE TABLE IF NOT EXISTS blobs (
     hash TEXT PRIMARY KEY,
     data TEXT NOT NULL
-) WITHOUT ROWID;
+);
 CREATE TABLE IF NOT EXISTS signals (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     run_id TEXT NOT NULL,
@@ -92,10 +92,15 @@ _RUN_COLUMNS = (
 
 # Values at least this long are split: every JSON object, array or string of at least
 # _BLOB_MIN bytes inside them is stored once, by content hash, in `blobs`. A conversation
-# passed from step to step then costs each message once, not once per step.
+# passed from step to step then costs each message once, not once per step. (`journal` and
+# `blobs` are rowid tables: their rows are too large for WITHOUT ROWID, which would put each
+# value of a few hundred bytes or more in an overflow page of its own.)
 _SPLIT_AT = 2048
 _BLOB_MIN = 256
-_REF = "\x00"
+_CHUNK = 32  # a long list is stored as chunks of this many items: a list that grows by one
+# item from step to step shares all its full chunks with the version before
+_REF = "\x00"  # {"\x00": hash}: a value stored in `blobs`
+_CHUNKS = "\x01"  # {"\x01": [chunk, ...]}: a long list, its chunks concatenated
 
 
 def _run(row: Sequence[Any]) -> RunRecord:
@@ -126,10 +131,18 @@ def _run(row: Sequence[Any]) -> RunRecord:
 def _split(node: Any, blobs: dict[str, str]) -> Any:
     if isinstance(node, list):
         node = [_split(item, blobs) for item in node]
+        if len(node) > _CHUNK:
+            chunks = [node[i : i + _CHUNK] for i in range(0, len(node), _CHUNK)]
+            node = {_CHUNKS: [_store(chunk, blobs) for chunk in chunks]}
     elif isinstance(node, dict):
         node = {key: _split(item, blobs) for key, item in node.items()}
     elif not (isinstance(node, str) and len(node) >= _BLOB_MIN):
         return node
+    return _store(node, blobs)
+
+
+def _store(node: Any, blobs: dict[str, str]) -> Any:
+    """A reference to ``node`` in `blobs` if it is large enough to be worth one."""
     data = json.dumps(node, separators=(",", ":"), ensure_ascii=False)
     if len(data) < _BLOB_MIN:
         return node
@@ -144,6 +157,8 @@ def _join(node: Any, blobs: dict[str, Any]) -> Any:
     if isinstance(node, dict):
         if len(node) == 1 and _REF in node:
             return _join(blobs[node[_REF]], blobs)
+        if len(node) == 1 and _CHUNKS in node:
+            return [item for chunk in node[_CHUNKS] for item in _join(chunk, blobs)]
         return {key: _join(item, blobs) for key, item in node.items()}
     return node
 
