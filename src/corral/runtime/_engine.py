@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import contextvars
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -61,6 +62,8 @@ T = TypeVar("T")
 
 DEFAULT_DB = ".corral/corral.db"
 RECENT_OUTCOMES = 1024  # outcomes of runs finished here that nobody has asked for yet
+_PYTHON_GC = (700, 10, 10)  # CPython's default collection thresholds
+WORKER_GC = (10_000, 10, 10)  # a worker's, unless the process chose its own
 
 _ids = random.Random(os.urandom(32))
 os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))
@@ -106,15 +109,13 @@ class _Run:
         "finalizing",
         "id",
         "idle_check",
-        "inbox",
         "journal",
+        "mail",
         "record",
         "rt",
-        "seen",
         "started",
         "submission",
         "task",
-        "waiters",
         "waits",
         "wake",
         "wf",
@@ -126,9 +127,7 @@ class _Run:
         self.id = claimed.run.id
         self.wf = wf
         self.journal = claimed.journal
-        self.inbox: dict[str, deque[Signal]] = {}
-        self.seen: set[int] = set()
-        self.waiters: dict[str, deque[_Waiter]] = {}
+        self.mail: _Mailbox | None = None  # made when the run first meets a signal
         self.waits: dict[str, _Waiter] = {}
         self.busy = 0
         self.activity = 0
@@ -350,27 +349,30 @@ class _Run:
     # -- waiting ----------------------------------------------------------------------------
 
     def deliver(self, signal: Signal) -> None:
-        if signal.seq in self.seen:
+        mail = self.mail = self.mail or _Mailbox()
+        if signal.seq in mail.seen:
             return
-        self.seen.add(signal.seq)
-        waiters = self.waiters.get(signal.name)
+        mail.seen.add(signal.seq)
+        waiters = mail.waiters.get(signal.name)
         while waiters:
             waiter = waiters.popleft()
             if not waiter.future.done():
                 waiter.future.set_result(signal)
                 return
-        self.inbox.setdefault(signal.name, deque()).append(signal)
+        mail.inbox.setdefault(signal.name, deque()).append(signal)
 
     def _take(self, name: str) -> Signal | None:
-        queue = self.inbox.get(name)
+        queue = self.mail.inbox.get(name) if self.mail else None
         return queue.popleft() if queue else None
 
     async def _wait(self, key: str, names: tuple[str, ...], deadline: float | None
                     ) -> Signal | None:
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), names, deadline)
-        for name in names:
-            self.waiters.setdefault(name, deque()).append(waiter)
+        if names:
+            mail = self.mail = self.mail or _Mailbox()
+            for name in names:
+                mail.waiters.setdefault(name, deque()).append(waiter)
         if deadline is not None:
             waiter.timer = loop.call_later(max(0.0, deadline - time.time()), _expire, waiter)
         self.waits[key] = waiter
@@ -383,7 +385,7 @@ class _Run:
             if waiter.timer is not None:
                 waiter.timer.cancel()
             for name in names:
-                queue = self.waiters.get(name)
+                queue = self.mail.waiters.get(name) if self.mail else None
                 if queue and waiter in queue:
                     queue.remove(waiter)
             self.activity += 1
@@ -403,6 +405,17 @@ class _Run:
             if not waiter.future.done():
                 waiter.future.set_exception(_Evicted())
         return wake, names
+
+
+class _Mailbox:
+    """A run's signals: delivered and not yet taken, already seen, and waits by name."""
+
+    __slots__ = ("inbox", "seen", "waiters")
+
+    def __init__(self) -> None:
+        self.inbox: dict[str, deque[Signal]] = {}
+        self.seen: set[int] = set()
+        self.waiters: dict[str, deque[_Waiter]] = {}
 
 
 def _expire(waiter: _Waiter) -> None:
@@ -583,6 +596,7 @@ class Runtime:
         self._lock_fd: int | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._previous_factory: Any = None
+        self._tuned_gc = False
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -606,6 +620,11 @@ class Runtime:
             raise UsageError("corral needs the event loop's task factory; another one is set")
         loop.set_task_factory(task_factory)
         if self.worker:
+            if gc.get_threshold() == _PYTHON_GC:
+                # Thousands of suspended runs make every collection long, and the engine
+                # allocates enough to trigger one every few hundred steps: collect less often.
+                gc.set_threshold(*WORKER_GC)
+                self._tuned_gc = True
             self._take_lock()
             self._signal_seq = (await self._call(self.store.signals_since, 0, self.id))[1]
             self._loop_task = loop.create_task(self._work(), context=contextvars.Context())
@@ -623,6 +642,8 @@ class Runtime:
         await self._writer.close()
         asyncio.get_running_loop().set_task_factory(self._previous_factory)
         self._release_lock()
+        if self._tuned_gc and gc.get_threshold() == WORKER_GC:
+            gc.set_threshold(*_PYTHON_GC)
         self._executor.shutdown(wait=True)
         if self._owns_store:
             self.store.close()
@@ -677,6 +698,7 @@ class Runtime:
         data = dumps(value).decode()
         return RunSpec(
             id=run_id or new_run_id(),
+            generated_id=run_id is None,
             workflow=wf.name,
             ref=wf.ref,
             input=data,

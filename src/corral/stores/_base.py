@@ -32,6 +32,8 @@ class RunSpec:
     parent_id: str | None = None
     owner: str | None = None
     """Set when the submitting worker executes the run itself: it is inserted already claimed."""
+    generated_id: bool = False
+    """The id was generated for this submission, so no run can have it yet."""
 
     def record(self, now: float) -> RunRecord:
         """The run as the store holds it right after inserting this spec."""

@@ -278,7 +278,7 @@ class SQLiteStore(Store):
     @staticmethod
     def _insert(db: sqlite3.Connection, specs: list[RunSpec], now: float) -> dict[int, RunRecord]:
         stored: dict[str, RunRecord] = {}
-        for chunk in _chunks([s.id for s in specs]):
+        for chunk in _chunks([s.id for s in specs if not s.generated_id]):
             rows = db.execute(
                 f"SELECT {_RUN_COLUMNS} FROM runs WHERE id IN ({','.join('?' * len(chunk))})",
                 chunk,
