@@ -6,7 +6,8 @@ its result is committed. Prints one JSON line.
     python bench/runtime_throughput.py [--runs 30000] [--concurrency 500 1000 2000 4000]
 
 Each concurrency level runs --repeat times; the median is reported, per level and for the best
-level. Memory: peak RSS half-way and at the end of the run (flat means no growth per run).
+level. Then one long run (--long-runs) at the best level samples the resident memory at each
+quarter: flat means nothing grows with the number of runs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import corral
 
@@ -36,35 +38,38 @@ async def three_steps(ctx: corral.Context, n: int) -> int:
     return await add(b, 1)
 
 
-async def measure(runs: int, concurrency: int, durability: str) -> dict[str, float]:
+def rss_mb() -> float:
+    """The resident memory of this process now (not its peak)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+async def measure(runs: int, concurrency: int, durability: str) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="corral-bench-"))
+    samples: dict[str, float] = {}
     try:
         async with corral.Runtime(folder / "bench.db", max_runs=2 * concurrency,
                                   durability=durability) as rt:
-            rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             next_run = iter(range(runs))
-            rss_mid = 0
+            marks = {runs * q // 4: f"{25 * q}%" for q in (1, 2, 3)}
 
             async def client() -> None:
-                nonlocal rss_mid
                 for i in next_run:
                     assert await rt.run(three_steps, i) == i + 3
-                    if i == runs // 2:
-                        rss_mid = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                    if i in marks:
+                        samples[marks[i]] = round(rss_mb(), 1)
 
             started = time.perf_counter()
             await asyncio.gather(*(client() for _ in range(concurrency)))
             elapsed = time.perf_counter() - started
-            rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            samples["100%"] = round(rss_mb(), 1)
     finally:
         shutil.rmtree(folder)
     return {
         "steps_per_s": round(runs * 3 / elapsed),
         "runs_per_s": round(runs / elapsed),
         "seconds": round(elapsed, 2),
-        "peak_rss_mb_at_half": round(rss_mid / 1024, 1),
-        "peak_rss_mb_at_end": round(rss_after / 1024, 1),
-        "rss_before_mb": round(rss_before / 1024, 1),
+        "rss_mb": samples,
     }
 
 
@@ -73,6 +78,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[500, 1000, 2000, 4000])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--long-runs", type=int, default=150000)
     parser.add_argument("--durability", default="full", choices=["full", "process"])
     args = parser.parse_args()
     sweep = {}
@@ -85,15 +91,16 @@ def main() -> None:
         print(json.dumps({"concurrency": concurrency, "trials": [t["steps_per_s"] for t in trials],
                           **median}), file=sys.stderr)
     best = max(sweep, key=lambda c: sweep[c]["steps_per_s"])
+    # memory over one long run: resident size at each quarter should stay flat
+    long = asyncio.run(measure(args.long_runs, best, args.durability))
     print(json.dumps({
         "bench": "runtime_throughput", "runs": args.runs, "durability": args.durability,
         "repeat": args.repeat, "best_concurrency": best,
         "steps_per_s_median_at_best": sweep[best]["steps_per_s"],
         "steps_per_s_median_by_concurrency": {c: r["steps_per_s"] for c, r in sweep.items()},
-        "peak_rss_mb_at_half": sweep[best]["peak_rss_mb_at_half"],
-        "peak_rss_mb_at_end": sweep[best]["peak_rss_mb_at_end"],
+        "long_run": {"runs": args.long_runs, "steps_per_s": long["steps_per_s"],
+                     "rss_mb": long["rss_mb"]},
     }))
-
 
 if __name__ == "__main__":
     main()

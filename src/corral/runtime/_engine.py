@@ -22,6 +22,7 @@ import socket
 import time
 import traceback
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +40,7 @@ from .._errors import (
     StepFailed,
     UsageError,
 )
-from .._serde import PydanticSerializationError, dumps, loads
+from .._serde import PydanticSerializationError, adapter, dumps, loads
 from ..stores import (
     Batch,
     Claimed,
@@ -65,6 +66,10 @@ RECENT_OUTCOMES = 1024  # outcomes of runs finished here that nobody has asked f
 _PYTHON_GC = (700, 10, 10)  # CPython's default collection thresholds
 WORKER_GC = (10_000, 10, 10)  # a worker's, unless the process chose its own
 
+# Runtimes open on each event loop: the loop keeps corral's task factory while any is.
+_factory_users: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = (
+    weakref.WeakKeyDictionary()
+)
 _ids = random.Random(os.urandom(32))
 os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))
 
@@ -159,8 +164,8 @@ class _Run:
                 f"run {self.id!r} is not deterministic: at operation {key} its journal recorded "
                 f"{entry.kind} {entry.name!r} but the workflow now calls {kind} {name!r}; "
                 "workflow code must make the same calls in the same order on replay (use steps "
-                "and ctx.now()/ctx.random() for anything that varies); restore the code the run "
-                "started with, or cancel the run",
+                "and ctx.now()/ctx.random() for anything that varies); the run fails, its "
+                "journal is kept for `corral runs show`",
                 run_id=self.id,
                 key=key,
             )
@@ -282,11 +287,7 @@ class _Run:
                 f"run {self.id!r}: no signal {name!r} within {timeout:g}s", run_id=self.id,
                 signal=name,
             )
-        if tp is Any:
-            return record["value"]
-        from .._serde import adapter
-
-        return adapter(tp).validate_python(record["value"])
+        return record["value"] if tp is Any else adapter(tp).validate_python(record["value"])
 
     async def _receive(self, key: str, kind: str, name: str, signal_name: str,
                        entry: JournalEntry | None, timeout: float | None,
@@ -336,7 +337,10 @@ class _Run:
             outcome = entry.value or "{}"
         record = json.loads(outcome)["value"]
         if record["status"] == "completed":
-            return loads(json.dumps(record["result"]), wf.output_type)
+            result = record["result"]
+            return result if wf.output_type is Any else adapter(wf.output_type).validate_python(
+                result
+            )
         child = record["id"]
         if record["status"] == "cancelled":
             raise RunCancelled(f"child run {child!r} was cancelled", run_id=child)
@@ -488,9 +492,6 @@ class _Writer:
             if self._future is None:
                 self._idle.set()
 
-    async def flush(self) -> None:
-        await self.pending()
-
     async def close(self) -> None:
         await self._idle.wait()
         self._task.cancel()
@@ -595,7 +596,6 @@ class Runtime:
         self._closing = False
         self._lock_fd: int | None = None
         self._loop_task: asyncio.Task[None] | None = None
-        self._previous_factory: Any = None
         self._tuned_gc = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -614,11 +614,11 @@ class Runtime:
         self._ticks = 0
         self._claimed_last = 1
         self._events = 0
-        self._writer = _Writer(self)
-        self._previous_factory = loop.get_task_factory()
-        if self._previous_factory not in (None, task_factory):
+        if loop.get_task_factory() not in (None, task_factory):
             raise UsageError("corral needs the event loop's task factory; another one is set")
         loop.set_task_factory(task_factory)
+        _factory_users[loop] = _factory_users.get(loop, 0) + 1
+        self._writer = _Writer(self)
         if self.worker:
             if gc.get_threshold() == _PYTHON_GC:
                 # Thousands of suspended runs make every collection long, and the engine
@@ -640,7 +640,11 @@ class Runtime:
                 await self._loop_task
         await self._evict(list(self._live.values()), force=True)
         await self._writer.close()
-        asyncio.get_running_loop().set_task_factory(self._previous_factory)
+        loop = asyncio.get_running_loop()
+        _factory_users[loop] -= 1
+        if not _factory_users[loop]:  # the last runtime on this loop
+            del _factory_users[loop]
+            loop.set_task_factory(None)
         self._release_lock()
         if self._tuned_gc and gc.get_threshold() == WORKER_GC:
             gc.set_threshold(*_PYTHON_GC)
