@@ -222,3 +222,18 @@ async def test_child_input_is_validated_in_the_parent(rt: corral.Runtime) -> Non
 
     assert info.value.error_type == "InvalidInput"
     assert rt.store.list_runs(workflow="times_ten") == []
+
+
+@corral.workflow
+async def adopts_a_stranger(ctx: corral.Context, stranger: str) -> str:
+    return str(await ctx.run_child(times_ten, 1, id=stranger))
+
+
+async def test_a_child_id_taken_by_another_run_is_a_conflict_not_a_hang(
+    rt: corral.Runtime,
+) -> None:
+    other = await rt.start(times_ten, 2, id="someone-else")
+    await other.result(timeout=5)
+    parent = await rt.start(adopts_a_stranger, "someone-else")
+    with pytest.raises(corral.RunFailed, match="is taken by a run that is not a child"):
+        await parent.result(timeout=5)

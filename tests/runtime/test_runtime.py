@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 import corral
@@ -32,3 +33,18 @@ async def test_closing_one_runtime_leaves_another_on_the_same_loop_working(
     # each branch of the gather kept its own deterministic scope
     assert keys == ["0/0", "1/0", "2/0"]
     assert asyncio.get_running_loop().get_task_factory() is None
+
+
+async def test_a_run_the_store_says_this_worker_holds_but_it_does_not_is_queued_again(
+    tmp_path: Path,
+) -> None:
+    # e.g. its end failed to commit: the row says running, under a worker that is alive
+    async with corral.Runtime(tmp_path / "a.db", poll_interval=0.01, durability="process",
+                              worker=False) as client:
+        handle = await client.start(fan_out, 2)
+    async with corral.Runtime(tmp_path / "a.db", poll_interval=0.01, durability="process",
+                              queues=("nothing",)) as worker:
+        with sqlite3.connect(tmp_path / "a.db") as db:
+            db.execute("UPDATE runs SET status = 'running', owner = ?, queue = 'nothing'"
+                       " WHERE id = ?", (worker.id, handle.id))
+        assert await worker.handle(handle.id).result(timeout=10) == [0, 2]

@@ -329,3 +329,31 @@ async def test_signal_names_starting_with_dollar_are_reserved(rt: corral.Runtime
     with pytest.raises(corral.UsageError):
         await rt.signal(handle.id, "$child:x", 1)
     await rt.cancel(handle.id)
+
+
+reminders: list[str] = []
+
+
+@corral.step
+async def remind(run_id: str) -> None:
+    reminders.append(run_id)
+
+
+@corral.workflow
+async def approval_with_reminder(ctx: corral.Context) -> str:
+    async def reminder() -> None:
+        await ctx.sleep(0.3)
+        await remind(ctx.run_id)
+
+    decision, _ = await asyncio.gather(ctx.wait_for("approve"), reminder())
+    return str(decision)
+
+
+async def test_an_evicted_run_wakes_for_its_timer_while_it_also_waits_for_a_signal(
+    rt: corral.Runtime, wait_until: Any
+) -> None:
+    handle = await rt.start(approval_with_reminder)
+    # evicted (idle_after is 0.05 s) while waiting for both: the timer alone must wake it
+    await wait_until(lambda: handle.id in reminders, timeout=5, what="the reminder")
+    await rt.signal(handle.id, "approve", "yes")
+    assert await handle.result(timeout=5) == "yes"

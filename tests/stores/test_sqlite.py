@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from corral.stores import Batch, SQLiteStore
+from corral.stores import Batch, RunSpec, SQLiteStore
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=400)
@@ -75,3 +75,29 @@ def test_a_file_that_is_not_a_corral_database_is_refused_and_left_alone(tmp_path
     with pytest.raises(Exception, match="is not a corral database"):
         SQLiteStore(path)
     assert path.read_bytes() == before
+
+
+def _spec(run_id: str, **fields: Any) -> RunSpec:
+    return RunSpec(id=run_id, workflow="w", ref="m:w", input="null", input_hash="h",
+                   run_at=0.0, **fields)
+
+
+def test_a_child_started_after_its_parent_was_asked_to_stop_is_asked_too(
+    store: SQLiteStore,
+) -> None:
+    store.apply(Batch(submits=[_spec("parent")]), 1.0)
+    store.request_cancel("parent", 2.0)
+    store.apply(Batch(submits=[_spec("child", parent_id="parent")]), 3.0)
+    assert store.get_run("child").cancel_requested
+
+
+def test_runs_blocked_by_a_full_concurrency_key_do_not_starve_the_others(
+    store: SQLiteStore,
+) -> None:
+    limited = [_spec(f"t{i}", priority=9, concurrency_key="tenant", concurrency_limit=1)
+               for i in range(40)]
+    store.apply(Batch(submits=[*limited, _spec("free", priority=0)]), 1.0)
+    (first,) = store.claim("w1", ["default"], 1, 2.0)  # takes the tenant's one slot
+    assert first.run.concurrency_key == "tenant"
+    (second,) = store.claim("w1", ["default"], 1, 2.0)
+    assert second.run.id == "free"

@@ -86,10 +86,6 @@ class Step(Generic[P, R]):
         self._returns: Any = _hints(fn).get("return", Any)
         functools.update_wrapper(self, fn)
 
-    @property
-    def returns(self) -> Any:
-        return self._returns
-
     @functools.cached_property
     def decode(self) -> Callable[[str | bytes], Any]:
         """JSON text to the step's return type (plain JSON data without an annotation)."""

@@ -35,9 +35,11 @@ from .._errors import (
     CorralError,
     NonDeterminismError,
     RunCancelled,
+    RunConflict,
     RunFailed,
     SignalTimeout,
     StepFailed,
+    StoreError,
     UsageError,
 )
 from .._serde import PydanticSerializationError, adapter, dumps, loads
@@ -84,10 +86,6 @@ class _Evicted(BaseException):
     """Unwinds a run out of memory (idle, shutting down, or its store failed); not an error."""
 
 
-class _Unsubmitted(_Evicted):
-    """Unwinds a run started before its submission committed, when that commit failed."""
-
-
 class _Waiter:
     __slots__ = ("deadline", "future", "names", "timer")
 
@@ -119,8 +117,9 @@ class _Run:
         "record",
         "rt",
         "started",
-        "submission",
+        "started_early",
         "task",
+        "unsubmitted",
         "waits",
         "wake",
         "wf",
@@ -147,7 +146,8 @@ class _Run:
         # The commit of this run's latest write. Results are returned before they are durable,
         # but nothing observable (a step body, the run's end) happens until they are.
         self.barrier: asyncio.Future[Any] | None = None
-        self.submission: asyncio.Future[Any] | None = None  # when started before it commits
+        self.started_early = False  # started before its submission committed
+        self.unsubmitted = False  # ...and that commit failed: the run never existed
         self.task: asyncio.Task[None] | None = None
         self.ctx = Context(self)
         for signal in claimed.signals:
@@ -172,6 +172,7 @@ class _Run:
             raise self.broken
         if entry is None or entry.status == "pending":
             if self.evicting:
+                self.wake = None  # a branch still had work: queue the run, don't park it
                 raise _Evicted()
             if self.cancel_requested and not self.cancel_delivered:
                 self.cancel_delivered = True
@@ -188,14 +189,14 @@ class _Run:
         )
         return self.barrier
 
-    async def _commit(self, future: asyncio.Future[Any]) -> None:
+    async def _commit(self, future: asyncio.Future[Any]) -> Any:
         try:
-            await future
+            return await future
         except CorralError as exc:
             self.evicting = True
-            if future is self.submission:  # the run was never stored: start() reports why
-                raise _Unsubmitted() from exc
-            log.error("run %s: cannot write its journal (%s); releasing it", self.id, exc)
+            if not self.unsubmitted:  # (if it is, start() reports why)
+                log.error("run %s: cannot write its journal (%s); it starts again from the "
+                          "store", self.id, exc)
             raise _Evicted() from exc
 
     # -- operations -------------------------------------------------------------------------
@@ -212,6 +213,8 @@ class _Run:
         try:
             if self.barrier is not None and not self.barrier.done():
                 await self._commit(self.barrier)
+                if self.evicting:  # an earlier write of this run failed
+                    raise _Evicted()
             started = time.time()
             failure: StepFailed | None = None
             token = current_scope.set(None)  # the body is not workflow code
@@ -221,10 +224,11 @@ class _Run:
             except StepFailed as exc:
                 failure = exc
             except PydanticSerializationError as exc:
-                failure = StepFailed(
-                    f"step {step.name!r} returned a value corral cannot store as JSON ({exc}); "
-                    "return JSON-compatible data, a dataclass or a pydantic model",
-                    step=step.name, error_type="SerializationError", error=str(exc), attempts=1,
+                text = (f"returned a value corral cannot store as JSON ({exc}); return "
+                        "JSON-compatible data, a dataclass or a pydantic model")
+                failure = StepFailed(  # worded as replay words it (see _step_error)
+                    f"step {step.name!r} failed after 1 attempt: SerializationError: {text}",
+                    step=step.name, error_type="SerializationError", error=text, attempts=1,
                 )
             except asyncio.CancelledError:
                 if self.evicting:
@@ -284,7 +288,8 @@ class _Run:
             if default is not MISSING:
                 return default
             raise SignalTimeout(
-                f"run {self.id!r}: no signal {name!r} within {timeout:g}s", run_id=self.id,
+                f"run {self.id!r}: no signal {name!r} within {timeout:g}s; pass default= to "
+                "carry on without one, or catch corral.SignalTimeout", run_id=self.id,
                 signal=name,
             )
         return record["value"] if tp is Any else adapter(tp).validate_python(record["value"])
@@ -323,11 +328,21 @@ class _Run:
         entry = self._begin(key, "child", wf.name)
         if entry is None or entry.status == "pending":
             if entry is None:
+                given = child_id is not None
                 child_id = child_id or f"{self.id}/{key}"
                 spec = self.rt._spec(wf, value, child_id, queue or self.record.queue,
                                      self.record.priority if priority is None else priority,
                                      time.time(), None, None, parent_id=self.id)
+                position = len(self.rt._writer.batch.submits)
                 self.rt._writer.batch.submits.append(spec)
+                if given:  # an id chosen by the workflow may be taken: find out first
+                    existing = (await self._commit(self.rt._writer.pending())).get(position)
+                    if existing is not None and existing.parent_id != self.id:
+                        raise RunConflict(
+                            f"child run id {child_id!r} is taken by a run that is not a child "
+                            f"of {self.id!r}; choose another id",
+                            run_id=child_id,
+                        )
             else:
                 child_id = json.loads(entry.value or "{}")["id"]
             pending = json.dumps({"id": child_id})
@@ -353,6 +368,7 @@ class _Run:
     # -- waiting ----------------------------------------------------------------------------
 
     def deliver(self, signal: Signal) -> None:
+        self.activity += 1
         mail = self.mail = self.mail or _Mailbox()
         if signal.seq in mail.seen:
             return
@@ -396,19 +412,28 @@ class _Run:
 
     @property
     def idle(self) -> bool:
-        return self.busy == 0 and bool(self.waits) and not self.finalizing
+        """Every branch waits for a timer or a signal that has not come yet."""
+        return (
+            self.busy == 0
+            and bool(self.waits)
+            and not self.finalizing
+            and not any(w.future.done() for w in self.waits.values())
+        )
 
-    def evict(self) -> tuple[float | None, tuple[str, ...]]:
-        """Unwind the run out of memory; return when it wakes and which signals wake it."""
-        deadlines = [w.deadline for w in self.waits.values()]
-        wake = None if None in deadlines else min(d for d in deadlines if d is not None)
+    @property
+    def wakes_at(self) -> float | None:
+        """The earliest timer among its waits (None: only signals can wake it)."""
+        return min((w.deadline for w in self.waits.values() if w.deadline is not None),
+                   default=None)
+
+    def evict(self) -> None:
+        """Unwind the run out of memory; the store wakes it by timer or signal."""
         names = tuple(sorted({n for w in self.waits.values() for n in w.names}))
         self.evicting = True
-        self.wake = (wake, names)
+        self.wake = (self.wakes_at, names)
         for waiter in list(self.waits.values()):
             if not waiter.future.done():
                 waiter.future.set_exception(_Evicted())
-        return wake, names
 
 
 class _Mailbox:
@@ -484,6 +509,7 @@ class _Writer:
             try:
                 existing = await self._rt._call(self._rt.store.apply, batch, time.time())
             except Exception as exc:  # the store failed: every waiter learns it
+                self._rt._lost(batch)
                 future.set_exception(exc)
             else:
                 future.set_result(existing)
@@ -590,6 +616,8 @@ class Runtime:
         self._recent: dict[str, Outcome] = {}
         self._next_outcome_poll = 0.0
         self._reserved = 0
+        self._orphans: set[str] = set()
+        self._early_signals: dict[str, list[Signal]] = {}
         self._saturated = False
         self._signal_seq = 0
         self._next_recovery = 0.0
@@ -615,7 +643,10 @@ class Runtime:
         self._claimed_last = 1
         self._events = 0
         if loop.get_task_factory() not in (None, task_factory):
-            raise UsageError("corral needs the event loop's task factory; another one is set")
+            raise UsageError(
+                "corral needs the event loop's task factory and another one is set; unset it "
+                "(loop.set_task_factory(None)) or run corral on a loop of its own"
+            )
         loop.set_task_factory(task_factory)
         _factory_users[loop] = _factory_users.get(loop, 0) + 1
         self._writer = _Writer(self)
@@ -661,9 +692,16 @@ class Runtime:
         folder = self._lock_dir()
         if folder is None:
             return
-        folder.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(folder / f"{self.id}.lock", os.O_CREAT | os.O_RDWR, 0o644)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(folder / f"{self.id}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create this worker's lock in {folder} ({exc}); check that the "
+                "database's folder is writable",
+                path=self._path,
+            ) from None
 
     def _release_lock(self) -> None:
         folder = self._lock_dir()
@@ -856,8 +894,8 @@ class Runtime:
         while True:
             try:
                 more = await self._tick()
-            except Exception as exc:
-                log.error("worker %s: %s", self.id, exc)
+            except Exception:
+                log.exception("worker %s: a round of work failed; retrying", self.id)
                 more = False
             if more:
                 await asyncio.sleep(0)
@@ -879,6 +917,16 @@ class Runtime:
                     count = await self._call(self.store.requeue, owner, now)
                     log.warning("worker %s is gone; %d of its runs are queued again", owner,
                                 count)
+            # Runs the store says this worker runs but it does not (their end or hand-back
+            # failed to commit): queue them again, if so twice in a row (not mid-launch).
+            orphans = set(await self._call(self.store.running, self.id)) - self._live.keys()
+            for run_id in orphans & self._orphans:
+                log.warning("run %s was lost by this worker; it is queued again", run_id)
+                self._writer.batch.released.append((run_id, now))
+                self._early_signals.pop(run_id, None)
+            if orphans & self._orphans:
+                self._writer.pending()
+            self._orphans = orphans - self._orphans
         more = claimed_any = False
         free = self.max_runs - len(self._live)
         if free > 0 and not self._closing:
@@ -895,6 +943,8 @@ class Runtime:
             run = self._live.get(signal.run_id)
             if run is not None:
                 run.deliver(signal)
+            else:  # claimed by this worker and not started yet: keep it for the start
+                self._early_signals.setdefault(signal.run_id, []).append(signal)
         await self._poll_outcomes()
         for run_id in await self._call(self.store.cancel_requests, self.id):
             run = self._live.get(run_id)
@@ -905,6 +955,16 @@ class Runtime:
         async with self._ticked:
             self._ticked.notify_all()
         return more
+
+    def _lost(self, batch: Batch) -> None:
+        """A batch failed to commit: its runs stop here and start again from the store."""
+        submitted = {spec.id for spec in batch.submits}
+        for run_id in {row[0] for row in batch.journal} | submitted:
+            run = self._live.get(run_id)
+            if run is not None:
+                run.evicting = True
+                run.wake = None
+                run.unsubmitted = run.unsubmitted or (run_id in submitted and run.started_early)
 
     def _deliver_cancel(self, run: _Run) -> None:
         run.cancel_requested = True
@@ -917,13 +977,16 @@ class Runtime:
         try:
             wf = resolve(record.workflow, record.ref)
         except Exception as exc:
-            log.error("run %s: cannot load workflow %s (%s); it stays queued", record.id,
+            log.error("run %s: cannot load workflow %s (%s); retrying in 60 s", record.id,
                       record.ref, exc)
             self._writer.batch.released.append((record.id, time.time() + 60))
             self._writer.pending()
             return
         run = _Run(self, claimed, wf)
-        run.barrier = run.submission = barrier
+        for signal in self._early_signals.pop(run.id, ()):
+            run.deliver(signal)
+        run.barrier = barrier
+        run.started_early = barrier is not None
         self._live[run.id] = run
         self._events += 1
         context = contextvars.Context()
@@ -970,8 +1033,6 @@ class Runtime:
                                       json.dumps(outcome)))
             await self._writer.pending()
             recorded = True
-        except _Unsubmitted:
-            pass
         except _Evicted:
             await self._suspend(run)
         except CorralError as exc:  # the store failed while finishing: leave it to recovery
@@ -993,6 +1054,8 @@ class Runtime:
                 self._wake.set()
 
     async def _suspend(self, run: _Run) -> None:
+        if run.unsubmitted:
+            return
         if run.wake is None:  # interrupted while busy: queue it again
             self._writer.batch.released.append((run.id, time.time()))
         else:  # idle: wait in the store until a timer or a signal wakes it
@@ -1015,8 +1078,7 @@ class Runtime:
         if run.id not in self._live or not run.waits:
             return
         if run.idle and run.activity == activity:
-            deadlines = [w.deadline for w in run.waits.values()]
-            soonest = min((d for d in deadlines if d is not None), default=None)
+            soonest = run.wakes_at
             if soonest is None or soonest - time.time() > self.idle_after:
                 run.evict()
                 return

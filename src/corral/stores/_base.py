@@ -131,17 +131,6 @@ class Batch:
     released: list[tuple[str, float]] = field(default_factory=list)
     """(run_id, run_at): runs handed back to the queue, e.g. by a worker shutting down."""
 
-    def __len__(self) -> int:
-        return (
-            len(self.journal)
-            + len(self.submits)
-            + len(self.finished)
-            + len(self.signals)
-            + len(self.consumed)
-            + len(self.suspended)
-            + len(self.released)
-        )
-
 
 def check_resubmission(existing: RunRecord, spec: RunSpec) -> None:
     """The same id again is the same submission; anything else under that id is a conflict."""
@@ -208,6 +197,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def cancel_requests(self, owner: str) -> list[str]:
         """Runs executed by ``owner`` that were asked to stop."""
+
+    @abc.abstractmethod
+    def running(self, owner: str) -> list[str]:
+        """The runs the store has as running under ``owner``."""
 
     @abc.abstractmethod
     def owners(self) -> list[str]:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from hashlib import blake2b
 from typing import Any
 
-from .._errors import RunFinished, RunNotFound, StoreError
+from .._errors import RunFinished, RunNotFound, StoreError, UsageError
 from ._base import (
     TERMINAL,
     Batch,
@@ -174,7 +174,7 @@ class SQLiteStore(Store):
         self, path: str | os.PathLike[str], *, timeout: float = 5.0, durability: str = "full"
     ) -> None:
         if durability not in ("full", "process"):
-            raise ValueError(f'durability must be "full" or "process", not {durability!r}')
+            raise UsageError(f'durability must be "full" or "process", not {durability!r}')
         self.path = os.fspath(path)
         self._lock = threading.RLock()
         if self.path != ":memory:":
@@ -213,7 +213,10 @@ class SQLiteStore(Store):
                 "and is writable",
                 path=self.path,
             )
-        return StoreError(f"database {self.path}: {text}", path=self.path)
+        return StoreError(
+            f"database {self.path}: {text}; check the disk (space, permissions) and retry",
+            path=self.path,
+        )
 
     @contextmanager
     def _guard(self) -> Iterator[sqlite3.Connection]:
@@ -308,6 +311,14 @@ class SQLiteStore(Store):
                 for s in new
             ],
         )
+        children = [s.id for s in new if s.parent_id is not None]
+        for chunk in _chunks(children):  # a child of a run being cancelled is cancelled too
+            db.execute(
+                "UPDATE runs SET cancel_requested = 1 WHERE id IN"
+                f" ({','.join('?' * len(chunk))}) AND (SELECT p.cancel_requested FROM runs p"
+                " WHERE p.id = runs.parent_id) = 1",
+                chunk,
+            )
         return existing
 
     def claim(self, owner: str, queues: list[str], limit: int, now: float) -> list[Claimed]:
@@ -323,9 +334,11 @@ class SQLiteStore(Store):
         if due is None:
             return []
         with self._tx() as db:
-            rows = db.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'waiting')"
-                f" AND run_at <= ? AND queue IN ({marks})"
+            rows = db.execute(  # runs whose concurrency key is full are not candidates
+                f"SELECT {_RUN_COLUMNS} FROM runs r WHERE status IN ('queued', 'waiting')"
+                f" AND run_at <= ? AND queue IN ({marks}) AND (concurrency_key IS NULL OR"
+                " (SELECT COUNT(*) FROM runs x WHERE x.status = 'running'"
+                " AND x.concurrency_key = r.concurrency_key) < concurrency_limit)"
                 " ORDER BY priority DESC, run_at LIMIT ?",
                 (now, *queues, limit * 2 + 16),
             ).fetchall()
@@ -606,6 +619,13 @@ class SQLiteStore(Store):
                 "SELECT id FROM runs WHERE owner = ? AND status = 'running'"
                 " AND cancel_requested = 1",
                 (owner,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def running(self, owner: str) -> list[str]:
+        with self._guard() as db:
+            rows = db.execute(
+                "SELECT id FROM runs WHERE owner = ? AND status = 'running'", (owner,)
             ).fetchall()
         return [r[0] for r in rows]
 
