@@ -66,7 +66,7 @@ T = TypeVar("T")
 DEFAULT_DB = ".corral/corral.db"
 RECENT_OUTCOMES = 1024  # outcomes of runs finished here that nobody has asked for yet
 _PYTHON_GC = (700, 10, 10)  # CPython's default collection thresholds
-WORKER_GC = (10_000, 10, 10)  # a worker's, unless the process chose its own
+WORKER_GC = (20_000, 50, 100)  # a worker's, unless the process chose its own
 
 # Runtimes open on each event loop: the loop keeps corral's task factory while any is.
 _factory_users: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = (
