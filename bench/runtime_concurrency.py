@@ -42,10 +42,10 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def wall_time(runs: int, steps: int) -> dict[str, float]:
+async def wall_time(runs: int, steps: int, tune_gc: bool = True) -> dict[str, float]:
     folder = Path(tempfile.mkdtemp(prefix="corral-bench-"))
     try:
-        async with corral.Runtime(folder / "bench.db", max_runs=runs) as rt:
+        async with corral.Runtime(folder / "bench.db", max_runs=runs, tune_gc=tune_gc) as rt:
             started = time.perf_counter()
             handles = await asyncio.gather(*(rt.start(agent, steps) for _ in range(runs)))
             submitted = time.perf_counter() - started
@@ -90,15 +90,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--latency", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--python-gc", action="store_true",
+                        help="keep Python's default GC thresholds (Runtime(tune_gc=False))")
     args = parser.parse_args()
     LATENCY = args.latency
-    trials = sorted((asyncio.run(wall_time(args.runs, args.steps)) for _ in range(args.repeat)),
-                    key=lambda t: t["wall_s"])
+    trials = sorted(
+        (asyncio.run(wall_time(args.runs, args.steps, not args.python_gc))
+         for _ in range(args.repeat)),
+        key=lambda t: t["wall_s"],
+    )
     result = dict(trials[len(trials) // 2])  # the median trial
     result["ratios_to_ideal"] = [t["ratio_to_ideal"] for t in trials]
     result["kb_per_suspended_run"] = round(asyncio.run(memory_per_run(1000)), 2)
     print(json.dumps({"bench": "runtime_concurrency", "runs": args.runs, "steps": args.steps,
-                      "latency_s": args.latency, **result}))
+                      "latency_s": args.latency, "tune_gc": not args.python_gc, **result}))
 
 
 if __name__ == "__main__":

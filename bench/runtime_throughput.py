@@ -46,6 +46,12 @@ def rss_mb() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def live_objects() -> int:
+    """Objects the collector tracks once garbage is gone (a full collection, ~0.1 s)."""
+    gc.collect()
+    return len(gc.get_objects())
+
+
 async def measure(runs: int, concurrency: int, durability: str) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="corral-bench-"))
     samples: dict[str, float] = {}
@@ -61,13 +67,13 @@ async def measure(runs: int, concurrency: int, durability: str) -> dict[str, Any
                     assert await rt.run(three_steps, i) == i + 3
                     if i in marks:
                         samples[marks[i]] = round(rss_mb(), 1)
-                        objects[marks[i]] = len(gc.get_objects())
+                        objects[marks[i]] = live_objects()
 
             started = time.perf_counter()
             await asyncio.gather(*(client() for _ in range(concurrency)))
             elapsed = time.perf_counter() - started
             samples["100%"] = round(rss_mb(), 1)
-            objects["100%"] = len(gc.get_objects())
+            objects["100%"] = live_objects()
     finally:
         shutil.rmtree(folder)
     return {

@@ -48,3 +48,23 @@ async def test_a_run_the_store_says_this_worker_holds_but_it_does_not_is_queued_
             db.execute("UPDATE runs SET status = 'running', owner = ?, queue = 'nothing'"
                        " WHERE id = ?", (worker.id, handle.id))
         assert await worker.handle(handle.id).result(timeout=10) == [0, 2]
+
+
+async def test_a_worker_collects_garbage_less_often_and_puts_the_thresholds_back(
+    tmp_path: Path,
+) -> None:
+    import gc
+
+    before = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)  # Python's defaults
+    try:
+        async with corral.Runtime(tmp_path / "a.db", durability="process"):
+            assert gc.get_threshold() == (20_000, 50, 100)
+        assert gc.get_threshold() == (700, 10, 10)
+        async with corral.Runtime(tmp_path / "a.db", durability="process", tune_gc=False):
+            assert gc.get_threshold() == (700, 10, 10)
+        gc.set_threshold(5000, 10, 10)  # the process chose its own: left alone
+        async with corral.Runtime(tmp_path / "a.db", durability="process"):
+            assert gc.get_threshold() == (5000, 10, 10)
+    finally:
+        gc.set_threshold(*before)

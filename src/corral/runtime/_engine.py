@@ -595,6 +595,7 @@ class Runtime:
         idle_after: float = 5.0,
         durability: str = "full",
         lock_timeout: float = 5.0,
+        tune_gc: bool = True,
     ) -> None:
         if isinstance(db, Store):
             self.store: Store = db
@@ -625,6 +626,7 @@ class Runtime:
         self._lock_fd: int | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._tuned_gc = False
+        self._tune_gc = tune_gc
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -651,7 +653,7 @@ class Runtime:
         _factory_users[loop] = _factory_users.get(loop, 0) + 1
         self._writer = _Writer(self)
         if self.worker:
-            if gc.get_threshold() == _PYTHON_GC:
+            if self._tune_gc and gc.get_threshold() == _PYTHON_GC:
                 # Thousands of suspended runs make every collection long, and the engine
                 # allocates enough to trigger one every few hundred steps: collect less often.
                 gc.set_threshold(*WORKER_GC)
