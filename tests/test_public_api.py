@@ -5,11 +5,12 @@ import corral.stores
 
 def test_exported_names_are_pinned() -> None:
     assert sorted(corral.__all__) == sorted([
-        "Context", "CorralError", "InvalidInput", "NonDeterminismError", "NonRetryable",
-        "RetryPolicy", "RunCancelled", "RunConflict", "RunFailed", "RunFinished", "RunHandle",
-        "RunNotFound", "Runtime", "SignalTimeout", "Step", "StepFailed", "StoreError",
-        "UsageError", "Workflow", "WorkflowNotFound", "__version__", "load_workflow", "step",
-        "workflow",
+        "Agent", "AgentResult", "Context", "CorralError", "InvalidInput", "Limits",
+        "LoopDetected", "NonDeterminismError", "NonRetryable", "OutputInvalid", "RetryPolicy",
+        "RunCancelled", "RunConflict", "RunFailed", "RunFinished", "RunHandle", "RunNotFound",
+        "Runtime", "SignalTimeout", "Step", "StepFailed", "StoreError", "Tool", "ToolError",
+        "UsageError", "UsageLimitExceeded", "Workflow", "WorkflowNotFound", "__version__",
+        "load_workflow", "step", "tool", "workflow",
     ])
     for name in corral.__all__:
         assert hasattr(corral, name), name

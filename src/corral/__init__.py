@@ -6,8 +6,10 @@ Durable workflows in plain async Python, resumed after any crash without repeati
 from ._errors import (
     CorralError,
     InvalidInput,
+    LoopDetected,
     NonDeterminismError,
     NonRetryable,
+    OutputInvalid,
     RunCancelled,
     RunConflict,
     RunFailed,
@@ -17,8 +19,10 @@ from ._errors import (
     StepFailed,
     StoreError,
     UsageError,
+    UsageLimitExceeded,
     WorkflowNotFound,
 )
+from .agents import Agent, AgentResult, Limits, Tool, ToolError, tool
 from .runtime import (
     Context,
     RetryPolicy,
@@ -34,11 +38,16 @@ from .runtime import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Agent",
+    "AgentResult",
     "Context",
     "CorralError",
     "InvalidInput",
+    "Limits",
+    "LoopDetected",
     "NonDeterminismError",
     "NonRetryable",
+    "OutputInvalid",
     "RetryPolicy",
     "RunCancelled",
     "RunConflict",
@@ -51,11 +60,15 @@ __all__ = [
     "Step",
     "StepFailed",
     "StoreError",
+    "Tool",
+    "ToolError",
     "UsageError",
+    "UsageLimitExceeded",
     "Workflow",
     "WorkflowNotFound",
     "__version__",
     "load_workflow",
     "step",
+    "tool",
     "workflow",
 ]

@@ -90,3 +90,15 @@ class SignalTimeout(CorralError, TimeoutError):
 
 class NonRetryable(CorralError):
     """Raise from a step to fail it at once, without further attempts."""
+
+
+class UsageLimitExceeded(CorralError):
+    """An agent crossed a limit on turns, tokens or cost; ``limit``, ``used``, ``allowed``."""
+
+
+class LoopDetected(CorralError):
+    """An agent repeats itself without progress; ``pattern`` says how."""
+
+
+class OutputInvalid(CorralError):
+    """An agent's final output failed validation more times than it may retry."""

@@ -101,6 +101,8 @@ _CHUNK = 32  # a long list is stored as chunks of this many items: a list that g
 # item from step to step shares all its full chunks with the version before
 _REF = "\x00"  # {"\x00": hash}: a value stored in `blobs`
 _CHUNKS = "\x01"  # {"\x01": [chunk, ...]}: a long list, its chunks concatenated
+_ESCAPED = "\x02"  # {"\x02": {marker: value}}: the user's own dict that looks like one of these
+_MARKERS = frozenset({_REF, _CHUNKS, _ESCAPED})
 
 
 def _run(row: Sequence[Any]) -> RunRecord:
@@ -136,6 +138,8 @@ def _split(node: Any, blobs: dict[str, str]) -> Any:
             node = {_CHUNKS: [_store(chunk, blobs) for chunk in chunks]}
     elif isinstance(node, dict):
         node = {key: _split(item, blobs) for key, item in node.items()}
+        if len(node) == 1 and next(iter(node)) in _MARKERS:
+            node = {_ESCAPED: node}
     elif not (isinstance(node, str) and len(node) >= _BLOB_MIN):
         return node
     return _store(node, blobs)
@@ -159,6 +163,8 @@ def _join(node: Any, blobs: dict[str, Any]) -> Any:
             return _join(blobs[node[_REF]], blobs)
         if len(node) == 1 and _CHUNKS in node:
             return [item for chunk in node[_CHUNKS] for item in _join(chunk, blobs)]
+        if len(node) == 1 and _ESCAPED in node:
+            node = node[_ESCAPED]
         return {key: _join(item, blobs) for key, item in node.items()}
     return node
 
@@ -653,9 +659,11 @@ def _collect_refs(node: Any, refs: set[str]) -> None:
     elif isinstance(node, dict):
         if len(node) == 1 and _REF in node:
             refs.add(node[_REF])
-        else:
-            for item in node.values():
-                _collect_refs(item, refs)
+            return
+        if len(node) == 1 and _ESCAPED in node:
+            node = node[_ESCAPED]
+        for item in node.values():
+            _collect_refs(item, refs)
 
 
 def _many(

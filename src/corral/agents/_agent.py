@@ -1,0 +1,273 @@
+"""The agent loop: model -> tool calls -> tool results -> model, until a valid final output.
+
+Inside a workflow every model call and every tool call is a journaled step, so a crash mid-loop
+repeats no completed call. Runaway protection stops the loop on limits of turns, tokens and cost,
+and on loops a turn counter cannot see: the same tool call again and again, the same answer
+again and again, or turns that bring no new information.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from .._errors import LoopDetected, OutputInvalid, UsageError, UsageLimitExceeded
+from ..runtime import RetryPolicy, Step
+from ..runtime._definitions import current_scope
+from ._messages import Message, ModelRequest, ModelResponse, ToolCall, Usage
+from ._models import Model, resolve_model
+from ._tools import Tool, ToolFailure, ToolResult
+
+O = TypeVar("O")  # noqa: E741
+
+# USD per million tokens (input, output). Extend or override with Agent(prices=...).
+PRICES: dict[str, tuple[float, float]] = {
+    "openai:gpt-4o-mini": (0.15, 0.60),
+    "openai:gpt-4o": (2.50, 10.00),
+    "simulator:default": (0.15, 0.60),  # priced like a small model, so demos show costs
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """When an agent must stop. ``None`` means no limit."""
+
+    max_turns: int | None = 20
+    max_tokens: int | None = None
+    max_cost: float | None = None
+    """USD, from the usage each model reports and the price table."""
+    repeated_tool_call: int | None = 3
+    """Stop when the same tool is called with the same arguments this many times."""
+    repeated_output: int | None = 3
+    """Stop when the model gives the same answer this many times in a row."""
+    turns_without_news: int | None = 3
+    """Stop after this many turns whose tool results were all seen before."""
+    on_loop: Literal["stop", "escalate"] = "stop"
+    """On a detected loop: raise LoopDetected, or wait for a human's signal
+    ``escalation:<agent name>`` with ``{"continue": true}`` (carry on) or anything else (stop)."""
+
+
+class AgentResult(BaseModel, Generic[O]):
+    output: O
+    turns: int
+    usage: Usage
+    cost: float
+    messages: list[Message]
+
+
+class _Progress:
+    """What the loop has seen, to tell a loop from progress."""
+
+    def __init__(self, agent: str, limits: Limits) -> None:
+        self.agent, self.limits = agent, limits
+        self.calls: Counter[str] = Counter()
+        self.outputs: list[str] = []
+        self.facts: set[str] = set()
+        self.stale = 0
+
+    def tool_calls(self, calls: list[ToolCall]) -> str | None:
+        limit = self.limits.repeated_tool_call
+        for call in calls:
+            try:
+                arguments = json.dumps(json.loads(call.arguments), sort_keys=True)
+            except ValueError:
+                arguments = call.arguments
+            key = f"{call.name}({arguments})"
+            self.calls[key] += 1
+            if limit is not None and self.calls[key] >= limit:
+                return f"called {key} {self.calls[key]} times"
+        return None
+
+    def results(self, results: list[ToolResult]) -> str | None:
+        news = {r.for_model() for r in results} - self.facts
+        self.facts |= news
+        self.stale = 0 if news else self.stale + 1
+        limit = self.limits.turns_without_news
+        if limit is not None and self.stale >= limit:
+            return f"{self.stale} turns in a row brought no new tool results"
+        return None
+
+    def output(self, text: str) -> str | None:
+        self.outputs.append(text)
+        limit = self.limits.repeated_output
+        if limit is not None and len(self.outputs) >= limit and len(
+            set(self.outputs[-limit:])
+        ) == 1:
+            return f"gave the same answer {limit} times in a row"
+        return None
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.outputs.clear()
+        self.stale = 0
+
+
+class Agent(Generic[O]):
+    """An agent: instructions, a model, tools, and the type of its final output.
+
+    ``await agent.run("...")`` inside a workflow is durable: each model call and tool call is a
+    journaled step. Outside a workflow it runs the same loop without a journal.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        instructions: str,
+        model: str | Model,
+        tools: list[Tool] | tuple[Tool, ...] = (),
+        output_type: type[O] | Any = str,
+        output_retries: int = 2,
+        limits: Limits | None = None,
+        prices: dict[str, tuple[float, float]] | None = None,
+    ) -> None:
+        self.name = name
+        self.instructions = instructions
+        self.model = resolve_model(model)
+        self.tools = {t.name: t for t in tools}
+        if len(self.tools) != len(tools):
+            raise UsageError(f"agent {name!r} has two tools with the same name")
+        for t in tools:
+            if not isinstance(t, Tool):
+                raise UsageError(f"agent {name!r}: {t!r} is not a tool; decorate it with "
+                                 "@corral.tool")
+        self.output_type = output_type
+        self._output = TypeAdapter(output_type)
+        self.output_retries = output_retries
+        self.limits = limits or Limits()
+        self.prices = {**PRICES, **(prices or {})}
+        self._model_step: Step[Any, ModelResponse] = Step(
+            self._complete, name=f"{name}:model",
+            retry=RetryPolicy(max_attempts=3, initial_interval=0.5), timeout=None,
+        )
+
+    def __repr__(self) -> str:
+        return f"Agent({self.name!r}, model={self.model.name!r})"
+
+    async def _complete(self, request: ModelRequest) -> ModelResponse:
+        return await self.model.complete(request)
+
+    def cost(self, response: ModelResponse) -> float:
+        price_in, price_out = self.prices.get(response.model, self.prices.get(
+            self.model.name, (0.0, 0.0)))
+        usage = response.usage
+        return (usage.input_tokens * price_in + usage.output_tokens * price_out) / 1e6
+
+    def _schema(self) -> dict[str, Any] | None:
+        if self.output_type is str:
+            return None
+        return self._output.json_schema()
+
+    async def run(self, prompt: str | list[Message]) -> AgentResult[O]:
+        """Run the loop until a final output that validates, or a limit stops it."""
+        messages = [Message(role="system", content=self.instructions)]
+        if isinstance(prompt, str):
+            messages.append(Message(role="user", content=prompt))
+        else:
+            messages.extend(prompt)
+        limits, progress = self.limits, _Progress(self.name, self.limits)
+        usage, cost, turns, invalid = Usage(), 0.0, 0, 0
+        specs = [t.spec() for t in self.tools.values()]
+        schema = self._schema()
+        while True:
+            turns += 1
+            if limits.max_turns is not None and turns > limits.max_turns:
+                raise self._over("turns", turns - 1, limits.max_turns)
+            response = await self._model_step(
+                ModelRequest(messages=messages, tools=specs, output_schema=schema)
+            )
+            usage += response.usage
+            cost += self.cost(response)
+            if limits.max_tokens is not None and usage.total_tokens > limits.max_tokens:
+                raise self._over("tokens", usage.total_tokens, limits.max_tokens)
+            if limits.max_cost is not None and cost > limits.max_cost:
+                raise self._over("cost", round(cost, 6), limits.max_cost)
+            if response.tool_calls:
+                messages.append(Message(role="assistant", content=response.content,
+                                        tool_calls=response.tool_calls))
+                await self._check(progress.tool_calls(response.tool_calls), progress)
+                results = await asyncio.gather(*(self._call(c) for c in response.tool_calls))
+                messages.extend(
+                    Message(role="tool", tool_call_id=r.call_id, name=r.name,
+                            content=r.for_model())
+                    for r in results
+                )
+                await self._check(progress.results(list(results)), progress)
+                continue
+            text = response.content or ""
+            messages.append(Message(role="assistant", content=text))
+            try:
+                output = self._parse(text)
+            except ValidationError as exc:
+                invalid += 1
+                if invalid > self.output_retries:
+                    raise OutputInvalid(
+                        f"agent {self.name!r} gave no valid output in {invalid} tries; last "
+                        f"error: {_first(exc)}; make the instructions say what to return, or "
+                        "allow more output_retries",
+                        agent=self.name, error=_first(exc),
+                    ) from None
+                await self._check(progress.output(text), progress)
+                messages.append(Message(role="user", content=(
+                    "Your answer does not match the required output: "
+                    f"{_first(exc)}. Answer again with output that matches the schema."
+                )))
+                continue
+            return AgentResult(output=output, turns=turns, usage=usage, cost=round(cost, 8),
+                               messages=messages)
+
+    def _parse(self, text: str) -> O:
+        if self.output_type is str:
+            if not text.strip():
+                raise ValidationError.from_exception_data(
+                    "output", [{"type": "string_too_short", "loc": ("output",),
+                                "input": text, "ctx": {"min_length": 1}}]
+                )
+            return text  # type: ignore[return-value]
+        value: O = self._output.validate_json(text)
+        return value
+
+    async def _call(self, call: ToolCall) -> ToolResult:
+        found = self.tools.get(call.name)
+        if found is None:
+            known = ", ".join(self.tools) or "none"
+            return ToolResult(call_id=call.id, name=call.name, failure=ToolFailure(
+                kind="unknown_tool", retryable=False,
+                message=f"there is no tool {call.name!r}; the tools are: {known}",
+            ))
+        result: ToolResult = await found.step(call.id, call.arguments)
+        return result
+
+    async def _check(self, pattern: str | None, progress: _Progress) -> None:
+        if pattern is None:
+            return
+        if self.limits.on_loop == "escalate":
+            scope = current_scope.get()
+            if scope is None:
+                raise UsageError("on_loop='escalate' needs the agent to run inside a workflow")
+            decision = await scope.run.ctx.wait_for(f"escalation:{self.name}")
+            if isinstance(decision, dict) and decision.get("continue") is True:
+                progress.reset()
+                return
+        raise LoopDetected(
+            f"agent {self.name!r} is looping: it {pattern}; change its instructions or tools, "
+            "or raise the limit in Limits", agent=self.name, pattern=pattern,
+        )
+
+    def _over(self, limit: str, used: Any, allowed: Any) -> UsageLimitExceeded:
+        return UsageLimitExceeded(
+            f"agent {self.name!r} used {used} {limit}, over its limit of {allowed}; the run "
+            "stops here; raise Limits(max_" + limit + "=...) if this is expected",
+            agent=self.name, limit=limit, used=used, allowed=allowed,
+        )
+
+
+def _first(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "output"
+    return f"{where}: {first.get('msg')}"

@@ -1,0 +1,121 @@
+"""Models: one small interface, and names that find them ("simulator:default")."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+from typing import Any, Protocol, runtime_checkable
+
+from .._errors import UsageError
+from ._messages import ModelRequest, ModelResponse, ToolCall, Usage
+
+
+@runtime_checkable
+class Model(Protocol):
+    """Answers one chat request. The gateway (issue 5) wraps every model behind this."""
+
+    name: str
+
+    async def complete(self, request: ModelRequest) -> ModelResponse: ...
+
+
+def resolve_model(model: str | Model) -> Model:
+    """A model object, or one named ``provider:model`` (today: ``simulator:NAME``)."""
+    if not isinstance(model, str):
+        if not isinstance(model, Model):
+            raise UsageError(f"{model!r} is not a model: give a name like 'simulator:default' "
+                             "or an object with `name` and `async complete(request)`")
+        return model
+    provider, _, name = model.partition(":")
+    if provider == "simulator":
+        return SimulatorModel(name or "default")
+    raise UsageError(
+        f"unknown model provider {provider!r} in {model!r}; this version knows 'simulator:NAME'"
+        " (OpenAI-compatible providers arrive with the gateway); or pass a Model object"
+    )
+
+
+def _tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+class SimulatorModel:
+    """A model that answers plausibly and deterministically, for demos and benchmarks.
+
+    It calls the tools it is given (once each, with arguments made from their schemas and the
+    user's words), then answers: with an instance of the output schema if there is one, or with
+    a sentence built from what the tools returned. The same conversation and ``seed`` always give
+    the same answer. ``latency`` (seconds) is awaited per call; token counts are ~4 characters a
+    token, so costs are plausible.
+    """
+
+    def __init__(self, name: str = "default", *, seed: int = 0, latency: float = 0.0,
+                 max_tool_calls: int = 2) -> None:
+        self.name = f"simulator:{name}"
+        self.seed = seed
+        self.latency = latency
+        self.max_tool_calls = max_tool_calls
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        messages = request.messages
+        last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
+        prompt = messages[last_user].content or "" if last_user >= 0 else ""
+        rng = random.Random(f"{self.seed}|{len(messages)}|{prompt}")
+        called = [m for m in messages[last_user + 1:] if m.role == "tool"]
+        input_tokens = sum(_tokens(m.content or "") for m in messages) + 20 * len(request.tools)
+        words = re.findall(r"[A-Za-z][\w@.-]*", prompt) or ["example"]
+        if request.tools and not called:
+            chosen = request.tools[: self.max_tool_calls]
+            calls = [
+                ToolCall(id=f"call_{len(messages)}_{i}", name=spec.name,
+                         arguments=json.dumps(_instance(spec.parameters, rng, words)))
+                for i, spec in enumerate(chosen)
+            ]
+            arguments = sum(_tokens(c.arguments) for c in calls)
+            return ModelResponse(model=self.name, tool_calls=calls,
+                                 usage=Usage(input_tokens=input_tokens,
+                                             output_tokens=arguments + 5 * len(calls)))
+        if request.output_schema is not None:
+            content = json.dumps(_instance(request.output_schema, rng, words))
+        else:
+            facts = "; ".join((m.content or "")[:80] for m in called)
+            content = (f"Here is what I found about {' '.join(words[:6])}: {facts}."
+                       if facts else f"Understood: {' '.join(words[:12])}.")
+        return ModelResponse(model=self.name, content=content,
+                             usage=Usage(input_tokens=input_tokens,
+                                         output_tokens=_tokens(content)))
+
+
+def _instance(schema: dict[str, Any], rng: random.Random, words: list[str],
+              defs: dict[str, Any] | None = None) -> Any:
+    """A plausible value for a JSON schema (the subset pydantic produces)."""
+    defs = defs if defs is not None else schema.get("$defs", {})
+    if "$ref" in schema:
+        return _instance(defs[schema["$ref"].rsplit("/", 1)[-1]], rng, words, defs)
+    for combined in ("anyOf", "oneOf", "allOf"):
+        if combined in schema:
+            options = [s for s in schema[combined] if s.get("type") != "null"] or schema[combined]
+            return _instance(options[0], rng, words, defs)
+    if "enum" in schema:
+        return rng.choice(schema["enum"])
+    if "const" in schema:
+        return schema["const"]
+    kind = schema.get("type", "object")
+    if kind == "object":
+        properties = schema.get("properties", {})
+        return {key: _instance(sub, rng, words, defs) for key, sub in properties.items()}
+    if kind == "array":
+        return [_instance(schema.get("items", {}), rng, words, defs)
+                for _ in range(rng.randint(1, 2))]
+    if kind == "integer":
+        low, high = schema.get("minimum", 1), schema.get("maximum", 100)
+        return rng.randint(int(low), int(high))
+    if kind == "number":
+        return round(rng.uniform(schema.get("minimum", 0.0), schema.get("maximum", 1.0)), 3)
+    if kind == "boolean":
+        return rng.random() < 0.5
+    return " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))

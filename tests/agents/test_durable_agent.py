@@ -1,0 +1,91 @@
+"""An agent inside a workflow is durable: a crash mid-loop repeats no completed call."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import corral
+from corral.agents import ModelRequest, ModelResponse, ToolCall, Usage
+from corral.stores import SQLiteStore
+
+calls: Counter[str] = Counter()
+park: set[str] = set()  # what blocks forever now (the crash happens while it is in flight)
+
+
+async def _maybe_park(what: str) -> None:
+    if what in park:
+        await asyncio.Event().wait()
+
+
+class CountingModel:
+    """Calls `fetch` once, then answers; counts every call it really makes."""
+
+    name = "counting"
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        answered = any(m.role == "tool" for m in request.messages)
+        calls[f"model {int(answered)}"] += 1
+        await _maybe_park(f"model {int(answered)}")
+        if answered:
+            return ModelResponse(model=self.name, content="all done",
+                                 usage=Usage(input_tokens=7, output_tokens=3))
+        return ModelResponse(model=self.name, usage=Usage(input_tokens=5, output_tokens=2),
+                             tool_calls=[ToolCall(id="c1", name="fetch", arguments="{}")])
+
+
+@corral.tool
+async def fetch() -> str:
+    """Fetch the data."""
+    calls["fetch started"] += 1
+    await _maybe_park("fetch")
+    calls["fetch done"] += 1
+    return "data"
+
+
+agent = corral.Agent("worker", instructions="do it", model=CountingModel(), tools=[fetch])
+
+
+@corral.workflow
+async def agent_job(ctx: corral.Context, prompt: str) -> dict[str, Any]:
+    result = await agent.run(prompt)
+    return {"output": result.output, "tokens": result.usage.total_tokens}
+
+
+async def _crash_while(what: str, db: Path) -> str:
+    calls.clear()
+    park.clear()
+    park.add(what)
+    options: dict[str, Any] = {"poll_interval": 0.01, "durability": "process"}
+    async with corral.Runtime(db, **options) as rt:
+        handle = await rt.start(agent_job, "go")
+        started = "fetch started" if what == "fetch" else what
+        while calls[started] == 0:  # wait until the call is in flight
+            await asyncio.sleep(0.005)
+    park.clear()  # the "crash": the runtime is gone with the call in flight
+    async with corral.Runtime(db, **options) as rt:
+        result = await rt.handle(handle.id).result(timeout=10)
+        assert result == {"output": "all done", "tokens": 17}
+        return handle.id
+
+
+async def test_a_crash_during_a_tool_call_repeats_no_model_call(tmp_path: Path) -> None:
+    await _crash_while("fetch", tmp_path / "a.db")
+    # the first model call completed before the crash: it is not made again
+    assert calls["model 0"] == 1
+    # the tool was in flight: executed again (at-least-once), and completed once
+    assert (calls["fetch started"], calls["fetch done"]) == (2, 1)
+    assert calls["model 1"] == 1
+
+
+async def test_a_crash_during_the_second_model_call_repeats_no_tool_call(tmp_path: Path) -> None:
+    run_id = await _crash_while("model 1", tmp_path / "b.db")
+    assert calls["model 0"] == 1
+    assert (calls["fetch started"], calls["fetch done"]) == (1, 1)
+    assert calls["model 1"] == 2  # in flight at the crash, so asked again
+    store = SQLiteStore(tmp_path / "b.db")
+    names = [entry.name for entry in store.journal(run_id)]
+    store.close()
+    assert names.count("worker:model") == 2 and names.count("tool:fetch") == 1
