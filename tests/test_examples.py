@@ -18,3 +18,33 @@ def test_the_demo_survives_kill_9_and_repeats_no_finished_step(tmp_path: Path) -
     assert "every step that finished before the crash ran once: True" in done.stdout
     assert "status    completed" in done.stdout
     assert (tmp_path / ".corral" / "corral.db").exists()  # the embedded default store
+
+
+def _run_example(name: str, tmp_path: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), "--db", str(tmp_path / "corral.db")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_a_supervisor_delegates_two_levels_deep_every_call_journaled(tmp_path: Path) -> None:
+    out = _run_example("supervisor.py", tmp_path)
+    assert '"refund_cents"' in out and '"cost_usd"' in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ")]
+    names: dict[str, str] = {}  # the first journal key of each step name
+    for row in rows:
+        if len(row) == 2 and row[0][0].isdigit():
+            names.setdefault(row[1], row[0])
+    # manager -> billing_lead -> refunds -> lookup_invoice, each its own journaled step
+    assert names["manager:model"] == "0"
+    assert names["billing_lead:model"].count("/") == 1
+    assert names["refunds:model"].count("/") == 2
+    assert names["tool:lookup_invoice"].count("/") == 3
+
+
+def test_a_triage_agent_hands_the_conversation_to_a_specialist(tmp_path: Path) -> None:
+    out = _run_example("handoff.py", tmp_path)
+    assert '"answered_by": "billing"' in out
+    assert "refund issued for" in out

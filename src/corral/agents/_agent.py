@@ -19,7 +19,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from .._errors import LoopDetected, OutputInvalid, UsageError, UsageLimitExceeded
 from ..runtime import RetryPolicy, Step
 from ..runtime._definitions import current_scope
-from ._messages import Message, ModelRequest, ModelResponse, ToolCall, Usage
+from ._messages import Message, ModelRequest, ModelResponse, ToolCall, ToolSpec, Usage
 from ._models import Model, resolve_model
 from ._tools import Tool, ToolFailure, ToolResult
 
@@ -54,8 +54,11 @@ class Limits:
 
 class AgentResult(BaseModel, Generic[O]):
     output: O
+    agent: str
+    """The agent that gave the output (another one than was asked, after a handoff)."""
     turns: int
     usage: Usage
+    """Tokens of this agent's model calls and of the specialists it delegated to."""
     cost: float
     messages: list[Message]
 
@@ -83,7 +86,7 @@ class _Progress:
                 return f"called {key} {self.calls[key]} times"
         return None
 
-    def results(self, results: list[ToolResult]) -> str | None:
+    def tool_calls_done(self, results: list[ToolResult]) -> str | None:
         news = {r.for_model() for r in results} - self.facts
         self.facts |= news
         self.stale = 0 if news else self.stale + 1
@@ -125,8 +128,12 @@ class Agent(Generic[O]):
         output_retries: int = 2,
         limits: Limits | None = None,
         prices: dict[str, tuple[float, float]] | None = None,
+        handoffs: list[Agent[Any]] | tuple[Agent[Any], ...] = (),
+        description: str | None = None,
     ) -> None:
         self.name = name
+        self.description = description or instructions.split(".")[0][:200]
+        self.handoffs = {f"transfer_to_{a.name}": a for a in handoffs}
         self.instructions = instructions
         self.model = resolve_model(model)
         self.tools = {t.name: t for t in tools}
@@ -172,17 +179,17 @@ class Agent(Generic[O]):
             messages.extend(prompt)
         limits, progress = self.limits, _Progress(self.name, self.limits)
         usage, cost, turns, invalid = Usage(), 0.0, 0, 0
-        specs = [t.spec() for t in self.tools.values()]
-        schema = self._schema()
+        agent: Agent[Any] = self
+        specs, schema = agent._specs(), agent._schema()
         while True:
             turns += 1
             if limits.max_turns is not None and turns > limits.max_turns:
                 raise self._over("turns", turns - 1, limits.max_turns)
-            response = await self._model_step(
+            response = await agent._model_step(
                 ModelRequest(messages=messages, tools=specs, output_schema=schema)
             )
             usage += response.usage
-            cost += self.cost(response)
+            cost += agent.cost(response)
             if limits.max_tokens is not None and usage.total_tokens > limits.max_tokens:
                 raise self._over("tokens", usage.total_tokens, limits.max_tokens)
             if limits.max_cost is not None and cost > limits.max_cost:
@@ -191,26 +198,43 @@ class Agent(Generic[O]):
                 messages.append(Message(role="assistant", content=response.content,
                                         tool_calls=response.tool_calls))
                 await self._check(progress.tool_calls(response.tool_calls), progress)
-                results = await asyncio.gather(*(self._call(c) for c in response.tool_calls))
+                handoff = next((c for c in response.tool_calls if c.name in agent.handoffs),
+                               None)
+                if handoff is not None:  # the conversation goes on with another agent
+                    target = agent.handoffs[handoff.name]
+                    messages.extend(
+                        Message(role="tool", tool_call_id=c.id, name=c.name,
+                                content=f"transferred to {target.name}" if c is handoff
+                                else "not run: the conversation was handed off")
+                        for c in response.tool_calls
+                    )
+                    messages[0] = Message(role="system", content=target.instructions)
+                    agent, invalid = target, 0
+                    specs, schema = agent._specs(), agent._schema()
+                    continue
+                results = await asyncio.gather(*(agent._call(c) for c in response.tool_calls))
+                for r in results:
+                    usage += r.usage
+                    cost += r.cost
                 messages.extend(
                     Message(role="tool", tool_call_id=r.call_id, name=r.name,
                             content=r.for_model())
                     for r in results
                 )
-                await self._check(progress.results(list(results)), progress)
+                await self._check(progress.tool_calls_done(list(results)), progress)
                 continue
             text = response.content or ""
             messages.append(Message(role="assistant", content=text))
             try:
-                output = self._parse(text)
+                output = agent._parse(text)
             except ValidationError as exc:
                 invalid += 1
-                if invalid > self.output_retries:
+                if invalid > agent.output_retries:
                     raise OutputInvalid(
-                        f"agent {self.name!r} gave no valid output in {invalid} tries; last "
+                        f"agent {agent.name!r} gave no valid output in {invalid} tries; last "
                         f"error: {_first(exc)}; make the instructions say what to return, or "
                         "allow more output_retries",
-                        agent=self.name, error=_first(exc),
+                        agent=agent.name, error=_first(exc),
                     ) from None
                 await self._check(progress.output(text), progress)
                 messages.append(Message(role="user", content=(
@@ -218,8 +242,22 @@ class Agent(Generic[O]):
                     f"{_first(exc)}. Answer again with output that matches the schema."
                 )))
                 continue
-            return AgentResult(output=output, turns=turns, usage=usage, cost=round(cost, 8),
-                               messages=messages)
+            return AgentResult(output=output, agent=agent.name, turns=turns, usage=usage,
+                               cost=round(cost, 8), messages=messages)
+
+    def _specs(self) -> list[ToolSpec]:
+        handoffs = [
+            ToolSpec(name=name, description=f"Hand the conversation to {target.name}: "
+                     f"{target.description}", parameters={"type": "object", "properties": {}})
+            for name, target in self.handoffs.items()
+        ]
+        return [t.spec() for t in self.tools.values()] + handoffs
+
+    def as_tool(self, *, name: str | None = None, description: str | None = None) -> Tool:
+        """This agent as a tool of another (supervisor -> specialist). Inside a workflow its
+        model and tool calls are journaled steps of their own, like the supervisor's."""
+        return AgentTool(self, name=name or self.name,
+                         description=description or self.description)
 
     def _parse(self, text: str) -> O:
         if self.output_type is str:
@@ -240,6 +278,8 @@ class Agent(Generic[O]):
                 kind="unknown_tool", retryable=False,
                 message=f"there is no tool {call.name!r}; the tools are: {known}",
             ))
+        if isinstance(found, AgentTool):
+            return await found.delegate(call)
         result: ToolResult = await found.step(call.id, call.arguments)
         return result
 
@@ -271,3 +311,37 @@ def _first(exc: ValidationError) -> str:
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first.get("loc", ())) or "output"
     return f"{where}: {first.get('msg')}"
+
+
+class AgentTool(Tool):
+    """An agent exposed as a tool: the model gives it a task, it answers with its output."""
+
+    def __init__(self, agent: Agent[Any], *, name: str, description: str) -> None:
+        async def delegate(task: str) -> Any:
+            """The task for the specialist, with everything it needs to know."""
+            raise AssertionError("delegated through AgentTool.delegate")
+
+        delegate.__doc__ = f"{description}\n\nArgs:\n    task: what {agent.name} should do"
+        super().__init__(delegate, name=name, timeout=None, retries=0)
+        self.agent = agent
+
+    async def delegate(self, call: ToolCall) -> ToolResult:
+        """Run the specialist in the caller's workflow scope, so its calls are journaled."""
+        try:
+            task = self.arguments.model_validate_json(call.arguments or "{}").task
+        except ValidationError:
+            return ToolResult(call_id=call.id, name=self.name, failure=ToolFailure(
+                kind="invalid_arguments", retryable=False,
+                message=f"{self.name} takes one argument, task: a string",
+            ))
+        try:
+            result = await self.agent.run(task)
+        except (UsageLimitExceeded, LoopDetected, OutputInvalid) as exc:
+            return ToolResult(call_id=call.id, name=self.name, failure=ToolFailure(
+                kind="error", retryable=False, detail=str(exc),
+                message=f"{self.name} could not finish the task ({type(exc).__name__})",
+            ))
+        output = result.output
+        value = output.model_dump(mode="json") if isinstance(output, BaseModel) else output
+        return ToolResult(call_id=call.id, name=self.name, value=value, usage=result.usage,
+                          cost=result.cost)

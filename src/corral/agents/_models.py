@@ -65,7 +65,8 @@ class SimulatorModel:
         last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
         prompt = messages[last_user].content or "" if last_user >= 0 else ""
         rng = random.Random(f"{self.seed}|{len(messages)}|{prompt}")
-        called = [m for m in messages[last_user + 1:] if m.role == "tool"]
+        offered = {spec.name for spec in request.tools}
+        called = [m for m in messages[last_user + 1:] if m.role == "tool" and m.name in offered]
         input_tokens = sum(_tokens(m.content or "") for m in messages) + 20 * len(request.tools)
         words = re.findall(r"[A-Za-z][\w@.-]*", prompt) or ["example"]
         if request.tools and not called:

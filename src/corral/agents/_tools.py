@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, create_model
 
 from .._errors import CorralError, UsageError
 from ..runtime import RetryPolicy, Step
-from ._messages import ToolSpec
+from ._messages import ToolSpec, Usage
 
 FailureKind = Literal[
     "invalid_arguments", "timeout", "http_error", "unavailable", "error", "unknown_tool"
@@ -56,6 +56,9 @@ class ToolResult(BaseModel):
     value: Any = None
     failure: ToolFailure | None = None
     attempts: int = 1
+    usage: Usage = Field(default_factory=Usage)
+    """Model usage inside the tool (a specialist agent's)."""
+    cost: float = 0.0
 
     @property
     def ok(self) -> bool:
