@@ -48,3 +48,16 @@ def test_a_triage_agent_hands_the_conversation_to_a_specialist(tmp_path: Path) -
     out = _run_example("handoff.py", tmp_path)
     assert '"answered_by": "billing"' in out
     assert "refund issued for" in out
+
+
+def test_a_graph_joins_branches_cycles_and_waits_for_approval(tmp_path: Path) -> None:
+    out = _run_example("graph.py", tmp_path)
+    assert "waiting for approval" in out
+    assert '"reviews": 2' in out and '"approved_by": "maria"' in out
+    assert '"published": true' in out
+
+
+def test_a_crew_works_in_sequence_and_in_parallel(tmp_path: Path) -> None:
+    out = _run_example("crew.py", tmp_path)
+    assert '"sequential"' in out and '"parallel"' in out
+    assert "What the crew has" in out  # later tasks saw the earlier outputs

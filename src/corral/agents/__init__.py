@@ -3,18 +3,24 @@
 from ._agent import PRICES, Agent, AgentResult, Limits
 from ._messages import Message, ModelRequest, ModelResponse, ToolCall, ToolSpec, Usage
 from ._models import Model, SimulatorModel, resolve_model
+from ._patterns import END, START, CrewResult, Graph, Task, crew, interrupt
 from ._tools import Tool, ToolError, ToolFailure, ToolResult, tool
 
 __all__ = [
+    "END",
     "PRICES",
+    "START",
     "Agent",
     "AgentResult",
+    "CrewResult",
+    "Graph",
     "Limits",
     "Message",
     "Model",
     "ModelRequest",
     "ModelResponse",
     "SimulatorModel",
+    "Task",
     "Tool",
     "ToolCall",
     "ToolError",
@@ -22,6 +28,8 @@ __all__ = [
     "ToolResult",
     "ToolSpec",
     "Usage",
+    "crew",
+    "interrupt",
     "resolve_model",
     "tool",
 ]
