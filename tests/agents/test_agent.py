@@ -215,3 +215,18 @@ async def test_the_simulator_calls_its_tools_and_answers_deterministically() -> 
 def test_a_model_name_that_is_not_known_says_what_is() -> None:
     with pytest.raises(corral.UsageError, match="knows 'simulator:NAME'"):
         corral.Agent("a", instructions="i", model="nope:x")
+
+
+async def test_malformed_tool_call_json_and_empty_replies_go_back_to_the_model() -> None:
+    model = ScriptedModel([
+        {"tool": "lookup_order", "args": '{"order_id": "A-1"'},  # cut off: not JSON
+        "",  # an empty reply
+        "fine",
+    ])
+    agent = corral.Agent("a", instructions="i", model=model, tools=[lookup_order])
+    result = await agent.run("?")
+    assert result.output == "fine"
+    error = json.loads(model.requests[1].messages[-1].content or "")["error"]
+    assert error["kind"] == "invalid_arguments" and "lookup_order" in error["message"]
+    assert calls["lookup A-1"] == 0  # never called with arguments that did not validate
+    assert "does not match the required output" in (model.requests[2].messages[-1].content or "")

@@ -9,6 +9,7 @@ again and again, or turns that bring no new information.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -165,10 +166,12 @@ class Agent(Generic[O]):
         usage = response.usage
         return (usage.input_tokens * price_in + usage.output_tokens * price_out) / 1e6
 
+    @functools.cached_property
+    def _output_schema(self) -> dict[str, Any] | None:
+        return None if self.output_type is str else self._output.json_schema()
+
     def _schema(self) -> dict[str, Any] | None:
-        if self.output_type is str:
-            return None
-        return self._output.json_schema()
+        return self._output_schema
 
     async def run(self, prompt: str | list[Message]) -> AgentResult[O]:
         """Run the loop until a final output that validates, or a limit stops it."""
@@ -246,6 +249,10 @@ class Agent(Generic[O]):
                                cost=round(cost, 8), messages=messages)
 
     def _specs(self) -> list[ToolSpec]:
+        return self._tool_specs
+
+    @functools.cached_property
+    def _tool_specs(self) -> list[ToolSpec]:
         handoffs = [
             ToolSpec(name=name, description=f"Hand the conversation to {target.name}: "
                      f"{target.description}", parameters={"type": "object", "properties": {}})

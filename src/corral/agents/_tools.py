@@ -10,6 +10,7 @@ may help. The raw exception text never reaches the model as if it were data; it 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import re
@@ -113,10 +114,14 @@ class Tool:
             retry=RetryPolicy(max_attempts=1), timeout=None,
         )
 
-    def spec(self) -> ToolSpec:
+    @functools.cached_property
+    def _spec(self) -> ToolSpec:
         schema = self.arguments.model_json_schema()
         schema.pop("title", None)
         return ToolSpec(name=self.name, description=self.description, parameters=schema)
+
+    def spec(self) -> ToolSpec:
+        return self._spec
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the function directly (not as a model's tool call)."""
