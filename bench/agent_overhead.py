@@ -93,7 +93,8 @@ async def concurrent(count: int, turns: int, latency: float) -> dict[str, float]
     finally:
         shutil.rmtree(folder)
     ideal = turns * latency
-    return {"wall_s": round(elapsed, 2), "ideal_s": ideal, "ratio_to_ideal": round(elapsed / ideal, 3)}
+    return {"wall_s": round(elapsed, 2), "ideal_s": ideal,
+            "ratio_to_ideal": round(elapsed / ideal, 3)}
 
 
 def main() -> None:
