@@ -188,8 +188,9 @@ class Agent(Generic[O]):
             turns += 1
             if limits.max_turns is not None and turns > limits.max_turns:
                 raise self._over("turns", turns - 1, limits.max_turns)
-            response = await agent._model_step(
-                ModelRequest(messages=messages, tools=specs, output_schema=schema)
+            response = await agent._model_step(  # (its parts are validated already)
+                ModelRequest.model_construct(messages=list(messages), tools=specs,
+                                             output_schema=schema)
             )
             usage += response.usage
             cost += agent.cost(response)
