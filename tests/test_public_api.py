@@ -6,7 +6,7 @@ import corral.stores
 def test_exported_names_are_pinned() -> None:
     assert sorted(corral.__all__) == sorted([
         "Agent", "AgentResult", "Context", "CorralError", "InvalidInput", "Limits",
-        "LoopDetected", "NonDeterminismError", "NonRetryable", "OutputInvalid", "RetryPolicy",
+        "LoopDetected", "NonDeterminismError", "NonRetryable", "OutputInvalid", "ProviderError", "RetryPolicy",
         "RunCancelled", "RunConflict", "RunFailed", "RunFinished", "RunHandle", "RunNotFound",
         "Runtime", "SignalTimeout", "Step", "StepFailed", "StoreError", "Tool", "ToolError",
         "UsageError", "UsageLimitExceeded", "Workflow", "WorkflowNotFound", "__version__",

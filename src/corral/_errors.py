@@ -102,3 +102,8 @@ class LoopDetected(CorralError):
 
 class OutputInvalid(CorralError):
     """An agent's final output failed validation more times than it may retry."""
+
+
+class ProviderError(CorralError):
+    """A model provider answered with an error; ``status``, ``body`` (an excerpt) and
+    ``headers`` say what it said."""

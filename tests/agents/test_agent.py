@@ -213,7 +213,7 @@ async def test_the_simulator_calls_its_tools_and_answers_deterministically() -> 
 
 
 def test_a_model_name_that_is_not_known_says_what_is() -> None:
-    with pytest.raises(corral.UsageError, match="knows 'simulator:NAME'"):
+    with pytest.raises(corral.UsageError, match="'simulator:NAME' or 'openai:MODEL'"):
         corral.Agent("a", instructions="i", model="nope:x")
 
 

@@ -31,9 +31,13 @@ def resolve_model(model: str | Model) -> Model:
     provider, _, name = model.partition(":")
     if provider == "simulator":
         return SimulatorModel(name or "default")
+    if provider == "openai" and name:
+        from ._openai import OpenAIChat  # httpx is imported only for HTTP models
+
+        return OpenAIChat(name)
     raise UsageError(
-        f"unknown model provider {provider!r} in {model!r}; this version knows 'simulator:NAME'"
-        " (OpenAI-compatible providers arrive with the gateway); or pass a Model object"
+        f"unknown model {model!r}; name one as 'simulator:NAME' or 'openai:MODEL' (any "
+        "OpenAI-compatible server via OPENAI_BASE_URL), or pass a Model object"
     )
 
 
