@@ -6,11 +6,11 @@ import corral.stores
 def test_exported_names_are_pinned() -> None:
     assert sorted(corral.__all__) == sorted([
         "Agent", "AgentResult", "Context", "CorralError", "InvalidInput", "Limits",
-        "LoopDetected", "NonDeterminismError", "NonRetryable", "OutputInvalid", "ProviderError", "RetryPolicy",
-        "RunCancelled", "RunConflict", "RunFailed", "RunFinished", "RunHandle", "RunNotFound",
-        "Runtime", "SignalTimeout", "Step", "StepFailed", "StoreError", "Tool", "ToolError",
-        "UsageError", "UsageLimitExceeded", "Workflow", "WorkflowNotFound", "__version__",
-        "load_workflow", "step", "tool", "workflow",
+        "LoopDetected", "NonDeterminismError", "NonRetryable", "OutputInvalid", "ProviderError",
+        "RetryPolicy", "RunCancelled", "RunConflict", "RunFailed", "RunFinished", "RunHandle",
+        "RunNotFound", "Runtime", "SignalTimeout", "Step", "StepFailed", "StoreError", "Tool",
+        "ToolError", "UsageError", "UsageLimitExceeded", "Workflow", "WorkflowNotFound",
+        "__version__", "load_workflow", "step", "tool", "workflow",
     ])
     for name in corral.__all__:
         assert hasattr(corral, name), name
