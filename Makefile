@@ -23,6 +23,7 @@ $(VENV)/.bench: pyproject.toml | $(BIN)/python
 
 demo: $(VENV)/.demo
 	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/agents_demo.py
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q

@@ -61,3 +61,12 @@ def test_a_crew_works_in_sequence_and_in_parallel(tmp_path: Path) -> None:
     out = _run_example("crew.py", tmp_path)
     assert '"sequential"' in out and '"parallel"' in out
     assert "What the crew has" in out  # later tasks saw the earlier outputs
+
+
+def test_the_agents_demo_reports_what_each_agent_did(tmp_path: Path) -> None:
+    out = _run_example("agents_demo.py", tmp_path)
+    table = [line.split()[0] for line in out.splitlines()
+             if line.split() and line.split()[0] in {"manager", "billing_lead", "tech_lead",
+                                                     "refunds"}]
+    assert table == ["manager", "billing_lead", "tech_lead", "refunds"]
+    assert "lookup_invoice x1" in out and "refunds x1" in out

@@ -4,6 +4,7 @@ from ._agent import PRICES, Agent, AgentResult, Limits
 from ._messages import Message, ModelRequest, ModelResponse, ToolCall, ToolSpec, Usage
 from ._models import Model, SimulatorModel, resolve_model
 from ._patterns import END, START, CrewResult, Graph, Task, crew, interrupt
+from ._report import AgentStats, agent_report
 from ._tools import Tool, ToolError, ToolFailure, ToolResult, tool
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "START",
     "Agent",
     "AgentResult",
+    "AgentStats",
     "CrewResult",
     "Graph",
     "Limits",
@@ -28,6 +30,7 @@ __all__ = [
     "ToolResult",
     "ToolSpec",
     "Usage",
+    "agent_report",
     "crew",
     "interrupt",
     "resolve_model",
