@@ -89,3 +89,30 @@ async def test_a_crash_during_the_second_model_call_repeats_no_tool_call(tmp_pat
     names = [entry.name for entry in store.journal(run_id)]
     store.close()
     assert names.count("worker:model") == 2 and names.count("tool:fetch") == 1
+
+
+@corral.workflow
+async def two_agents_on_a_budget(ctx: corral.Context, max_tokens: int) -> int:
+    from corral.agents import limit_run
+    from corral.testing import ScriptedModel
+
+    limit_run(max_tokens=max_tokens)
+    total = 0
+    for name in ("first", "second"):  # 15 tokens each, well under any per-agent limit
+        helper = corral.Agent(name, instructions="i", model=ScriptedModel(["ok"]))
+        total += (await helper.run("?")).usage.total_tokens
+    return total
+
+
+async def test_a_run_limit_counts_every_agent_of_the_run_together(tmp_path: Path) -> None:
+    async with corral.Runtime(tmp_path / "c.db", poll_interval=0.01,
+                              durability="process") as rt:
+        assert await rt.run(two_agents_on_a_budget, 40) == 30
+        handle = await rt.start(two_agents_on_a_budget, 20)
+        try:
+            await handle.result(timeout=5)
+            raise AssertionError("the run should have stopped")
+        except corral.RunFailed as failed:
+            assert failed.error_type == "UsageLimitExceeded"
+            assert "the run's agents used 30 tokens together" in str(failed)
+            assert "agent 'second'" in str(failed)

@@ -1,6 +1,6 @@
 """Agents on the durable runtime: the loop, tools, models, and runaway protection."""
 
-from ._agent import PRICES, Agent, AgentResult, Limits
+from ._agent import PRICES, Agent, AgentResult, Limits, limit_run
 from ._messages import Message, ModelRequest, ModelResponse, ToolCall, ToolSpec, Usage
 from ._models import Model, SimulatorModel, resolve_model
 from ._patterns import END, START, CrewResult, Graph, Task, crew, interrupt
@@ -33,6 +33,7 @@ __all__ = [
     "agent_report",
     "crew",
     "interrupt",
+    "limit_run",
     "resolve_model",
     "tool",
 ]

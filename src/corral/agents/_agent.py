@@ -53,6 +53,33 @@ class Limits:
     ``escalation:<agent name>`` with ``{"continue": true}`` (carry on) or anything else (stop)."""
 
 
+class _RunBudget:
+    """Usage of all the agents of one run, against the run's limits (see `limit_run`)."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.turns = 0
+        self.usage = Usage()
+        self.cost = 0.0
+
+
+def limit_run(*, max_turns: int | None = None, max_tokens: int | None = None,
+              max_cost: float | None = None) -> None:
+    """Limit every agent of the current run together: turns, tokens and cost (USD) summed over
+    all of them. Call it in the workflow before the agents run."""
+    scope = current_scope.get()
+    if scope is None:
+        raise UsageError("limit_run() limits a run, so it must be called inside a workflow")
+    scope.run.extras["agents.budget"] = _RunBudget(
+        Limits(max_turns=max_turns, max_tokens=max_tokens, max_cost=max_cost)
+    )
+
+
+def _run_budget() -> _RunBudget | None:
+    scope = current_scope.get()
+    return None if scope is None else scope.run.extras.get("agents.budget")
+
+
 class AgentResult(BaseModel, Generic[O]):
     output: O
     agent: str
@@ -198,6 +225,9 @@ class Agent(Generic[O]):
                 raise self._over("tokens", usage.total_tokens, limits.max_tokens)
             if limits.max_cost is not None and cost > limits.max_cost:
                 raise self._over("cost", round(cost, 6), limits.max_cost)
+            budget = _run_budget()
+            if budget is not None:
+                self._charge(budget, response, agent.cost(response))
             if response.tool_calls:
                 messages.append(Message(role="assistant", content=response.content,
                                         tool_calls=response.tool_calls))
@@ -307,11 +337,29 @@ class Agent(Generic[O]):
             "or raise the limit in Limits", agent=self.name, pattern=pattern,
         )
 
+    def _charge(self, budget: _RunBudget, response: ModelResponse, cost: float) -> None:
+        budget.turns += 1
+        budget.usage += response.usage
+        budget.cost += cost
+        run_limits = budget.limits
+        for limit, used, allowed in (
+            ("turns", budget.turns, run_limits.max_turns),
+            ("tokens", budget.usage.total_tokens, run_limits.max_tokens),
+            ("cost", round(budget.cost, 6), run_limits.max_cost),
+        ):
+            if allowed is not None and used > allowed:
+                raise UsageLimitExceeded(
+                    f"the run's agents used {used} {limit} together (agent {self.name!r} "
+                    f"crossed it), over the run's limit of {allowed}; the run stops here; "
+                    f"raise limit_run(max_{limit}=...) if this is expected",
+                    agent=self.name, limit=limit, used=used, allowed=allowed, scope="run",
+                )
+
     def _over(self, limit: str, used: Any, allowed: Any) -> UsageLimitExceeded:
         return UsageLimitExceeded(
             f"agent {self.name!r} used {used} {limit}, over its limit of {allowed}; the run "
             "stops here; raise Limits(max_" + limit + "=...) if this is expected",
-            agent=self.name, limit=limit, used=used, allowed=allowed,
+            agent=self.name, limit=limit, used=used, allowed=allowed, scope="agent",
         )
 
 

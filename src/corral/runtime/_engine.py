@@ -109,6 +109,7 @@ class _Run:
         "cancel_requested",
         "ctx",
         "evicting",
+        "extras",
         "finalizing",
         "id",
         "idle_check",
@@ -132,6 +133,7 @@ class _Run:
         self.wf = wf
         self.journal = claimed.journal
         self.mail: _Mailbox | None = None  # made when the run first meets a signal
+        self.extras: dict[str, Any] = {}  # state other layers keep per run (agents' budget)
         self.waits: dict[str, _Waiter] = {}
         self.busy = 0
         self.activity = 0
