@@ -1,7 +1,8 @@
 """Agent loop overhead: microseconds per turn with a zero-latency scripted model, journaling
 included (100 agents at a time, so the figure is the framework's work, not fsync latency; one
 agent at a time is reported too); and 1,000 concurrent agents of 10 turns each with a simulated
-500 ms model. A turn is a model call plus a tool call, both journaled steps.
+500 ms model. A turn is a model call plus a tool call, both journaled steps. Last, the bytes
+one agent's conversation leaves in the store after 100 and 500 turns.
 
     python bench/agent_overhead.py [--turns 10] [--agents 200] [--concurrent 1000]
 """
@@ -12,6 +13,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -97,6 +99,22 @@ async def concurrent(count: int, turns: int, latency: float) -> dict[str, float]
             "ratio_to_ideal": round(elapsed / ideal, 3)}
 
 
+async def journal_bytes(turns: int) -> int:
+    """Bytes one agent's conversation of ``turns`` turns leaves in the store (journal values
+    plus blobs): linear in the length of the conversation, since only replies are journaled."""
+    folder = Path(tempfile.mkdtemp(prefix="corral-bench-"))
+    workflow = make_workflow(turns, 0.0)
+    try:
+        async with corral.Runtime(folder / "bench.db") as rt:
+            await rt.run(workflow, 0)
+        with sqlite3.connect(folder / "bench.db") as db:
+            journal = db.execute("SELECT SUM(LENGTH(value)) FROM journal").fetchone()[0]
+            blobs = db.execute("SELECT COALESCE(SUM(LENGTH(data)), 0) FROM blobs").fetchone()[0]
+    finally:
+        shutil.rmtree(folder)
+    return int(journal + blobs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--turns", type=int, default=10)
@@ -119,6 +137,7 @@ def main() -> None:
         "concurrent_agents": args.concurrent, "latency_s": args.latency,
         **trials[len(trials) // 2],
         "ratios_to_ideal": [t["ratio_to_ideal"] for t in trials],
+        "journal_bytes_by_turns": {n: asyncio.run(journal_bytes(n)) for n in (100, 500)},
     }))
 
 

@@ -2,6 +2,9 @@
 levels of delegation, one durable run; then what each agent did, read from the journal.
 
     python examples/agents_demo.py [--db PATH] [--model openai:gpt-4o-mini]
+
+With a real model: CORRAL_DEMO_MODEL=openai:gpt-4o-mini OPENAI_API_KEY=... make demo, or a
+local server: OPENAI_BASE_URL=http://127.0.0.1:11434/v1 CORRAL_DEMO_MODEL=openai:llama3.1
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,6 +55,8 @@ async def main(db: str, model: str | None) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--db", default=".corral/corral.db")
-    parser.add_argument("--model", help="run the agents on a real model instead")
+    parser.add_argument("--model", default=os.environ.get("CORRAL_DEMO_MODEL"),
+                        help="run the agents on a real model, e.g. openai:gpt-4o-mini "
+                             "(default: $CORRAL_DEMO_MODEL, else the simulator)")
     args = parser.parse_args()
     asyncio.run(main(args.db, args.model))

@@ -116,3 +116,44 @@ async def test_a_run_limit_counts_every_agent_of_the_run_together(tmp_path: Path
             assert failed.error_type == "UsageLimitExceeded"
             assert "the run's agents used 30 tokens together" in str(failed)
             assert "agent 'second'" in str(failed)
+
+
+@corral.tool
+async def poll_status() -> str:
+    """Check the job's status."""
+    return "pending"
+
+
+@corral.workflow
+async def stuck_agent(ctx: corral.Context) -> str:
+    from corral.testing import ScriptedModel
+
+    again = {"tool": "poll_status", "args": {}}
+    agent = corral.Agent(
+        "poller", instructions="i", tools=[poll_status],
+        model=ScriptedModel([again, again, again, "gave up polling"]),
+        limits=corral.Limits(repeated_tool_call=2, turns_without_news=None,
+                             on_loop="escalate"),
+    )
+    return (await agent.run("is it done?")).output
+
+
+async def test_a_loop_can_escalate_to_a_human_who_lets_it_carry_on(tmp_path: Path) -> None:
+    async with corral.Runtime(tmp_path / "d.db", poll_interval=0.01,
+                              durability="process") as rt:
+        handle = await rt.start(stuck_agent)
+        while not any(e.name == "escalation:poller" and e.status == "pending"
+                      for e in rt.store.journal(handle.id)):
+            await asyncio.sleep(0.01)
+        await rt.signal(handle.id, "escalation:poller", {"continue": True})
+        assert await handle.result(timeout=5) == "gave up polling"
+
+        stopped = await rt.start(stuck_agent)
+        while not any(e.name == "escalation:poller" for e in rt.store.journal(stopped.id)):
+            await asyncio.sleep(0.01)
+        await rt.signal(stopped.id, "escalation:poller", {"continue": False})
+        try:
+            await stopped.result(timeout=5)
+            raise AssertionError("a human said stop")
+        except corral.RunFailed as failed:
+            assert failed.error_type == "LoopDetected"
