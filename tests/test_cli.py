@@ -14,6 +14,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -560,3 +561,29 @@ def test_a_write_to_a_locked_database_fails_after_the_lock_timeout(
         holder.close()
     assert_error(done, 1, "is locked by another process", "retry")
     assert corral.snapshot() == before
+
+
+def test_reading_runs_never_creates_a_database(tmp_path: Path) -> None:
+    missing = tmp_path / "typo" / "corral.db"
+    done = subprocess.run([sys.executable, "-m", "corral", "runs", "ls", "--db", str(missing)],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 2 and "no database at" in done.stderr
+    assert not missing.parent.exists()
+
+
+def test_sigterm_stops_a_worker_cleanly(tmp_path: Path) -> None:
+    db = tmp_path / "corral.db"
+    worker = subprocess.Popen([sys.executable, "-m", "corral", "worker", "--db", str(db)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    locks = Path(f"{db}-workers")
+    deadline = time.monotonic() + 20
+    while not (locks.exists() and any(locks.iterdir())):  # the worker is up
+        assert time.monotonic() < deadline, "the worker did not start"
+        time.sleep(0.01)
+    try:
+        worker.terminate()
+        assert worker.wait(timeout=20) == 143
+    finally:
+        worker.kill()
+        worker.wait()
+    assert not any(locks.iterdir())  # it let go of its lock: nothing for others to recover

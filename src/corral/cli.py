@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -151,7 +152,11 @@ def _short(value: Any, width: int = 60) -> str:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    store = SQLiteStore(_db(args), timeout=args.lock_timeout)
+    path = _db(args)
+    if not os.path.exists(path):  # reading or steering runs never creates a database
+        raise UsageError(f"no database at {path}; start a run first, or pass --db (or set "
+                         "$CORRAL_DB) to the database your runs are in")
+    store = SQLiteStore(path, timeout=args.lock_timeout)
     try:
         if args.runs_command == "ls":
             runs = store.list_runs(status=args.status, workflow=args.workflow, limit=args.limit)
@@ -213,6 +218,26 @@ def _runs(args: argparse.Namespace) -> int:
     raise UsageError("usage: corral runs {ls,show,cancel,signal}")
 
 
+def _until_terminated(main: Any) -> int:
+    """Run ``main``; SIGTERM (systemd, Kubernetes) stops it as cleanly as Ctrl-C: runs in
+    memory go back to the store for the next worker."""
+
+    async def guarded() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            result: int = await main
+            return result
+        except asyncio.CancelledError:
+            return 143
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    return asyncio.run(guarded())
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="corral", description="Durable workflows and agents, embedded or on a cluster."
@@ -243,20 +268,21 @@ def parser() -> argparse.ArgumentParser:
     runs = commands.add_parser("runs", help="list, show, cancel and signal runs")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True)
     ls = runs_commands.add_parser("ls", help="list runs, newest first")
-    ls.add_argument("--status")
+    ls.add_argument("--status", choices=["queued", "running", "waiting", "completed", "failed",
+                                         "cancelled"])
     ls.add_argument("--workflow")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     ls.add_argument("--json", action="store_true")
     show = runs_commands.add_parser("show", help="a run and each of its steps")
     show.add_argument("run_id")
     show.add_argument("--json", action="store_true")
     cancel = runs_commands.add_parser("cancel", help="cancel a run and its children")
     cancel.add_argument("run_id")
-    signal = runs_commands.add_parser("signal", help="send a signal to a run")
-    signal.add_argument("run_id")
-    signal.add_argument("name")
-    signal.add_argument("value", help="the signal's value as JSON")
-    for sub in (run, worker, ls, show, cancel, signal):
+    send = runs_commands.add_parser("signal", help="send a signal to a run")
+    send.add_argument("run_id")
+    send.add_argument("name")
+    send.add_argument("value", help="the signal's value as JSON")
+    for sub in (run, worker, ls, show, cancel, send):
         if sub not in (run, worker):
             sub.add_argument("--db", help=db_help)
         sub.add_argument("--lock-timeout", type=float, default=5.0, metavar="SECONDS",
@@ -269,10 +295,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "run":
-            return asyncio.run(_run(args))
+            return _until_terminated(_run(args))
         if args.command == "worker":
-            return asyncio.run(_worker(args))
+            return _until_terminated(_worker(args))
         return _runs(args)
+    except BrokenPipeError:  # e.g. `corral runs show ID | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (UsageError, RunNotFound, RunFinished, RunConflict) as exc:  # the command was wrong
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -306,8 +306,9 @@ async def test_a_signal_value_of_the_wrong_type_fails_the_run(rt: corral.Runtime
 
     with pytest.raises(corral.RunFailed) as info:
         await handle.result(timeout=5)
-    assert info.value.error_type == "ValidationError"
-    assert "amount" in info.value.error
+    assert info.value.error_type == "InvalidInput"
+    assert "amount" in info.value.error and "signal 'approval'" in info.value.error
+    assert "\n" not in info.value.error  # one line, no pydantic dump
 
 
 async def test_signalling_a_finished_run_raises_run_finished(rt: corral.Runtime) -> None:
@@ -357,3 +358,21 @@ async def test_an_evicted_run_wakes_for_its_timer_while_it_also_waits_for_a_sign
     await wait_until(lambda: handle.id in reminders, timeout=5, what="the reminder")
     await rt.signal(handle.id, "approve", "yes")
     assert await handle.result(timeout=5) == "yes"
+
+
+@corral.workflow
+async def wants_a_number(ctx: corral.Context) -> int:
+    while True:
+        try:
+            return int(await ctx.wait_for("n", type=int))
+        except corral.InvalidInput:
+            continue  # ask again
+
+
+async def test_a_signal_value_of_the_wrong_type_is_a_clear_error_the_workflow_can_catch(
+    rt: corral.Runtime,
+) -> None:
+    handle = await rt.start(wants_a_number)
+    await rt.signal(handle.id, "n", "abc")
+    await rt.signal(handle.id, "n", 7)
+    assert await handle.result(timeout=5) == 7

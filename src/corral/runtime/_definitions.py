@@ -12,6 +12,7 @@ import json
 import os
 import random
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, get_type_hints
@@ -94,7 +95,7 @@ class Step(Generic[P, R]):
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         scope = current_scope.get()
         if scope is None:  # outside a workflow: a plain call, with retries and timeout
-            value, _ = await self.attempt(args, kwargs, None)
+            value, _ = await self.attempt(args, kwargs, f"direct/{uuid.uuid4().hex}")
             return value
         result: R = await scope.run.step(self, scope, args, kwargs)
         return result

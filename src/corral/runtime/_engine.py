@@ -33,6 +33,7 @@ from typing import Any, Generic, TypeVar
 
 from .._errors import (
     CorralError,
+    InvalidInput,
     NonDeterminismError,
     RunCancelled,
     RunConflict,
@@ -56,7 +57,7 @@ from ..stores import (
 )
 from ..stores._base import Outcome
 from ._context import MISSING, Context, _Scope, task_factory, utc
-from ._definitions import Step, Workflow, current_scope, resolve
+from ._definitions import Step, Workflow, _first_error, current_scope, resolve
 
 log = logging.getLogger("corral.runtime")
 
@@ -294,7 +295,17 @@ class _Run:
                 "carry on without one, or catch corral.SignalTimeout", run_id=self.id,
                 signal=name,
             )
-        return record["value"] if tp is Any else adapter(tp).validate_python(record["value"])
+        if tp is Any:
+            return record["value"]
+        try:
+            return adapter(tp).validate_python(record["value"])
+        except ValueError as exc:
+            raise InvalidInput(
+                f"run {self.id!r}: the value of signal {name!r} ({record['value']!r:.60}) is "
+                f"not a {getattr(tp, '__name__', tp)}: {_first_error(exc)}; catch "
+                "corral.InvalidInput to ask again, or send a valid value",
+                run_id=self.id, signal=name,
+            ) from None
 
     async def _receive(self, key: str, kind: str, name: str, signal_name: str,
                        entry: JournalEntry | None, timeout: float | None,
@@ -919,8 +930,7 @@ class Runtime:
             for owner in await self._call(self.store.owners):
                 if owner != self.id and not self._alive(owner):
                     count = await self._call(self.store.requeue, owner, now)
-                    log.warning("worker %s is gone; %d of its runs are queued again", owner,
-                                count)
+                    log.warning("worker %s is gone; runs queued again: %d", owner, count)
             # Runs the store says this worker runs but it does not (their end or hand-back
             # failed to commit): queue them again, if so twice in a row (not mid-launch).
             orphans = set(await self._call(self.store.running, self.id)) - self._live.keys()

@@ -192,8 +192,12 @@ class SQLiteStore(Store):
             )
         except sqlite3.Error as exc:
             raise self._translate(exc) from exc
-        with self._guard():
-            self._open(durability)
+        try:
+            with self._guard():
+                self._open(durability)
+        except BaseException:
+            self._db.close()
+            raise
 
     # -- plumbing ---------------------------------------------------------------------------
 
