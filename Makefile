@@ -9,11 +9,17 @@ PIP    := $(BIN)/pip install --quiet --disable-pip-version-check
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# a .venv left by an unsupported Python would fail every later step: say how to start over
+CHECK_PYTHON = @$(BIN)/python -c "import sys; sys.exit(0 if sys.version_info >= (3, 11) else \
+	'error: .venv has Python ' + sys.version.split()[0] + '; corral needs 3.11+: run make clean, then make PYTHON=python3.11')"
+
 $(VENV)/.demo: pyproject.toml | $(BIN)/python
+	$(CHECK_PYTHON)
 	$(PIP) -e .
 	touch $@
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(CHECK_PYTHON)
 	$(PIP) -e '.[dev]'
 	touch $@ $(VENV)/.demo
 
