@@ -37,11 +37,13 @@ def test_a_supervisor_delegates_two_levels_deep_every_call_journaled(tmp_path: P
     for row in rows:
         if len(row) == 2 and row[0][0].isdigit():
             names.setdefault(row[1], row[0])
-    # manager -> billing_lead -> refunds -> lookup_invoice, each its own journaled step
+    # manager -> billing_lead -> refunds -> lookup_invoice, each its own journaled step; the
+    # specialist's calls are in the billing lead's branch of the manager's parallel delegation
     assert names["manager:model"] == "0"
-    assert names["billing_lead:model"].count("/") == 1
-    assert names["refunds:model"].count("/") == 2
-    assert names["tool:lookup_invoice"].count("/") == 3
+    branch = names["billing_lead:model"].split("/")[0] + "/"
+    assert names["refunds:model"].startswith(branch)
+    assert names["tool:lookup_invoice"].startswith(branch)
+    assert not names["tool:check_status_page"].startswith(branch)
 
 
 def test_a_triage_agent_hands_the_conversation_to_a_specialist(tmp_path: Path) -> None:

@@ -114,8 +114,8 @@ class _Progress:
                 return f"called {key} {self.calls[key]} times"
         return None
 
-    def tool_calls_done(self, results: list[ToolResult]) -> str | None:
-        news = {r.for_model() for r in results} - self.facts
+    def tool_calls_done(self, results: list[str]) -> str | None:
+        news = set(results) - self.facts
         self.facts |= news
         self.stale = 0 if news else self.stale + 1
         limit = self.limits.turns_without_news
@@ -246,16 +246,17 @@ class Agent(Generic[O]):
                     agent, invalid = target, 0
                     specs, schema = agent._specs(), agent._schema()
                     continue
-                results = await asyncio.gather(*(agent._call(c) for c in response.tool_calls))
-                for r in results:
+                calls = response.tool_calls
+                results = ([await agent._call(calls[0])] if len(calls) == 1
+                           else list(await asyncio.gather(*(agent._call(c) for c in calls))))
+                contents = [r.for_model() for r in results]
+                for r, content in zip(results, contents, strict=True):
                     usage += r.usage
                     cost += r.cost
-                messages.extend(
-                    Message(role="tool", tool_call_id=r.call_id, name=r.name,
-                            content=r.for_model())
-                    for r in results
-                )
-                await self._check(progress.tool_calls_done(list(results)), progress)
+                    messages.append(Message.model_construct(
+                        role="tool", tool_call_id=r.call_id, name=r.name, content=content,
+                        tool_calls=[]))
+                await self._check(progress.tool_calls_done(contents), progress)
                 continue
             text = response.content or ""
             messages.append(Message(role="assistant", content=text))

@@ -34,8 +34,8 @@ class Usage(BaseModel):
     output_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(input_tokens=self.input_tokens + other.input_tokens,
-                     output_tokens=self.output_tokens + other.output_tokens)
+        return Usage.model_construct(input_tokens=self.input_tokens + other.input_tokens,
+                                     output_tokens=self.output_tokens + other.output_tokens)
 
     @property
     def total_tokens(self) -> int:
