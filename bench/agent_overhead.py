@@ -16,6 +16,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,7 @@ async def journal_bytes(turns: int) -> int:
     try:
         async with corral.Runtime(folder / "bench.db") as rt:
             await rt.run(workflow, 0)
-        with sqlite3.connect(folder / "bench.db") as db:
+        with closing(sqlite3.connect(folder / "bench.db")) as db, db:
             journal = db.execute("SELECT SUM(LENGTH(value)) FROM journal").fetchone()[0]
             blobs = db.execute("SELECT COALESCE(SUM(LENGTH(data)), 0) FROM blobs").fetchone()[0]
     finally:

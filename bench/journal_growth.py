@@ -32,6 +32,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ VARIANTS: dict[str, corral.Workflow[Any, Any]] = {"next": chat_next, "whole": ch
 
 
 def store_bytes(path: Path) -> dict[str, int]:
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db, db:
         journal = db.execute("SELECT COALESCE(SUM(LENGTH(value)), 0) FROM journal").fetchone()[0]
         blobs = db.execute("SELECT COALESCE(SUM(LENGTH(data)), 0) FROM blobs").fetchone()[0]
         busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()

@@ -37,6 +37,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -99,7 +100,8 @@ async def measure(runs: int, concurrency: int, synchronous: str,
             await asyncio.gather(*(client() for _ in range(concurrency)))
             elapsed = time.perf_counter() - started
             rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        with sqlite3.connect(folder / "bench.db") as db:  # every run left its checkpoints
+        # every run left its checkpoints
+        with closing(sqlite3.connect(folder / "bench.db")) as db, db:
             threads = db.execute("SELECT COUNT(DISTINCT thread_id) FROM checkpoints").fetchone()
         assert threads[0] == runs, threads
     finally:

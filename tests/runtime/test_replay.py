@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import sqlite3
 from collections import Counter
+from contextlib import closing
 from datetime import datetime
 from typing import Any
 
@@ -295,7 +296,7 @@ async def grows_a_conversation(ctx: corral.Context, steps: int) -> list[str]:
 
 
 def _stored_bytes(path: str, run_id: str) -> int:
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db, db:
         journal = db.execute(
             "SELECT COALESCE(SUM(LENGTH(value)), 0) FROM journal WHERE run_id = ?", (run_id,)
         ).fetchone()[0]

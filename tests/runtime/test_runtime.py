@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import corral
@@ -44,7 +45,7 @@ async def test_a_run_the_store_says_this_worker_holds_but_it_does_not_is_queued_
         handle = await client.start(fan_out, 2)
     async with corral.Runtime(tmp_path / "a.db", poll_interval=0.01, durability="process",
                               queues=("nothing",)) as worker:
-        with sqlite3.connect(tmp_path / "a.db") as db:
+        with closing(sqlite3.connect(tmp_path / "a.db")) as db, db:
             db.execute("UPDATE runs SET status = 'running', owner = ?, queue = 'nothing'"
                        " WHERE id = ?", (worker.id, handle.id))
         assert await worker.handle(handle.id).result(timeout=10) == [0, 2]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,10 @@ json_values = st.recursive(
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> SQLiteStore:
-    return SQLiteStore(tmp_path / "store.db", durability="process")
+def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    opened = SQLiteStore(tmp_path / "store.db", durability="process")
+    yield opened
+    opened.close()
 
 
 def _roundtrip(store: SQLiteStore, run_id: str, value: Any) -> Any:
@@ -44,7 +48,7 @@ def test_any_json_value_comes_back_unchanged(store: SQLiteStore, value: Any) -> 
 
 
 def _stored_bytes(path: Path) -> int:
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db, db:
         journal = db.execute("SELECT SUM(LENGTH(value)) FROM journal").fetchone()[0]
         blobs = db.execute("SELECT COALESCE(SUM(LENGTH(data)), 0) FROM blobs").fetchone()[0]
     return int(journal + blobs)
@@ -64,12 +68,13 @@ def test_a_growing_conversation_is_stored_close_to_once(tmp_path: Path) -> None:
     # Whole conversation at every step would be ~150 times `once`; chunks keep it near 2x.
     assert _stored_bytes(tmp_path / "store.db") < 3 * once
     last = {entry.key: entry for entry in store.journal("run")}["299"]
+    store.close()
     assert json.loads(last.value or "") == conversation
 
 
 def test_a_file_that_is_not_a_corral_database_is_refused_and_left_alone(tmp_path: Path) -> None:
     path = tmp_path / "other.db"
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db, db:
         db.execute("CREATE TABLE customers (id INTEGER)")
     before = path.read_bytes()
     with pytest.raises(Exception, match="is not a corral database"):

@@ -671,32 +671,39 @@ class Runtime:
                 # allocates enough to trigger one every few hundred steps: collect less often.
                 gc.set_threshold(*WORKER_GC)
                 self._tuned_gc = True
-            self._take_lock()
-            self._signal_seq = (await self._call(self.store.signals_since, 0, self.id))[1]
+            try:
+                self._take_lock()
+                self._signal_seq = (await self._call(self.store.signals_since, 0, self.id))[1]
+            except BaseException:  # e.g. cancelled by SIGTERM: give back what was taken
+                await self.close()
+                raise
             self._loop_task = loop.create_task(self._work(), context=contextvars.Context())
 
     async def close(self) -> None:
-        """Stop working: runs in memory go back to the store, to resume wherever a worker is."""
+        """Stop working: runs in memory go back to the store, to resume wherever a worker is.
+        The worker's lock, thread and store are released whatever happens on the way."""
         if self._closing:
             return
         self._closing = True
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-        await self._evict(list(self._live.values()), force=True)
-        await self._writer.close()
-        loop = asyncio.get_running_loop()
-        _factory_users[loop] -= 1
-        if not _factory_users[loop]:  # the last runtime on this loop
-            del _factory_users[loop]
-            loop.set_task_factory(None)
-        self._release_lock()
-        if self._tuned_gc and gc.get_threshold() == WORKER_GC:
-            gc.set_threshold(*_PYTHON_GC)
-        self._executor.shutdown(wait=True)
-        if self._owns_store:
-            self.store.close()
+        try:
+            if self._loop_task is not None:
+                self._loop_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._loop_task
+            await self._evict(list(self._live.values()), force=True)
+            await self._writer.close()
+        finally:
+            loop = asyncio.get_running_loop()
+            _factory_users[loop] -= 1
+            if not _factory_users[loop]:  # the last runtime on this loop
+                del _factory_users[loop]
+                loop.set_task_factory(None)
+            self._release_lock()
+            if self._tuned_gc and gc.get_threshold() == WORKER_GC:
+                gc.set_threshold(*_PYTHON_GC)
+            self._executor.shutdown(wait=True)
+            if self._owns_store:
+                self.store.close()
 
     def _lock_dir(self) -> Path | None:
         if not self._path or self._path == ":memory:":
