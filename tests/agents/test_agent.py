@@ -230,3 +230,15 @@ async def test_malformed_tool_call_json_and_empty_replies_go_back_to_the_model()
     assert error["kind"] == "invalid_arguments" and "lookup_order" in error["message"]
     assert calls["lookup A-1"] == 0  # never called with arguments that did not validate
     assert "does not match the required output" in (model.requests[2].messages[-1].content or "")
+
+
+async def test_the_simulator_takes_its_latency_and_token_counts_from_its_settings() -> None:
+    import time
+
+    model = SimulatorModel(latency=0.05, input_tokens=1000, output_tokens=200)
+    agent = corral.Agent("a", instructions="i", model=model, tools=[lookup_order])
+    started = time.perf_counter()
+    result = await agent.run("Where is A-7?")
+    assert time.perf_counter() - started >= 0.1  # two calls of 50 ms
+    assert (result.usage.input_tokens, result.usage.output_tokens) == (2000, 400)
+    assert result.cost == pytest.approx((2000 * 0.15 + 400 * 0.60) / 1e6)

@@ -51,16 +51,26 @@ class SimulatorModel:
     It calls the tools it is given (once each, with arguments made from their schemas and the
     user's words), then answers: with an instance of the output schema if there is one, or with
     a sentence built from what the tools returned. The same conversation and ``seed`` always give
-    the same answer. ``latency`` (seconds) is awaited per call; token counts are ~4 characters a
-    token, so costs are plausible.
+    the same answer. ``latency`` (seconds) is awaited per call. Token counts are ~4 characters a
+    token, so costs are plausible; ``input_tokens``/``output_tokens`` fix them per call instead
+    (for budget and cost tests).
     """
 
     def __init__(self, name: str = "default", *, seed: int = 0, latency: float = 0.0,
-                 max_tool_calls: int = 2) -> None:
+                 max_tool_calls: int = 2, input_tokens: int | None = None,
+                 output_tokens: int | None = None) -> None:
         self.name = f"simulator:{name}"
         self.seed = seed
         self.latency = latency
         self.max_tool_calls = max_tool_calls
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+
+    def _usage(self, input_tokens: int, output_tokens: int) -> Usage:
+        return Usage(input_tokens=self.input_tokens if self.input_tokens is not None
+                     else input_tokens,
+                     output_tokens=self.output_tokens if self.output_tokens is not None
+                     else output_tokens)
 
     async def complete(self, request: ModelRequest) -> ModelResponse:
         if self.latency:
@@ -82,8 +92,7 @@ class SimulatorModel:
             ]
             arguments = sum(_tokens(c.arguments) for c in calls)
             return ModelResponse(model=self.name, tool_calls=calls,
-                                 usage=Usage(input_tokens=input_tokens,
-                                             output_tokens=arguments + 5 * len(calls)))
+                                 usage=self._usage(input_tokens, arguments + 5 * len(calls)))
         if request.output_schema is not None:
             content = json.dumps(_instance(request.output_schema, rng, words))
         else:
@@ -91,8 +100,7 @@ class SimulatorModel:
             content = (f"Here is what I found about {' '.join(words[:6])}: {facts}."
                        if facts else f"Understood: {' '.join(words[:12])}.")
         return ModelResponse(model=self.name, content=content,
-                             usage=Usage(input_tokens=input_tokens,
-                                         output_tokens=_tokens(content)))
+                             usage=self._usage(input_tokens, _tokens(content)))
 
 
 def _instance(schema: dict[str, Any], rng: random.Random, words: list[str],
