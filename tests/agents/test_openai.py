@@ -153,3 +153,18 @@ def test_a_local_server_is_named_like_openai(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     model = resolve_model("openai:llama-3.1-8b")
     assert model.name == "openai:llama-3.1-8b"
+
+
+async def test_a_client_error_from_the_provider_is_not_retried(upstream: Upstream) -> None:
+    upstream.replies = [(401, {"error": {"message": "bad key"}})]
+    model = OpenAIChat("m", base_url=upstream.url, api_key="wrong")
+    with pytest.raises(corral.StepFailed, match="HTTP 401"):
+        await corral.Agent("a", instructions="i", model=model).run("?")
+    assert len(upstream.requests) == 1
+
+
+async def test_an_error_inside_a_stream_is_a_provider_error(upstream: Upstream) -> None:
+    upstream.replies = [(200, [{"error": {"message": "model overloaded"}}])]
+    model = OpenAIChat("m", base_url=upstream.url, api_key="k", stream=True)
+    with pytest.raises(corral.ProviderError, match="mid-stream"):
+        await model.complete(ModelRequest(messages=[Message(role="user", content="hi")]))

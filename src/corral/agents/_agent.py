@@ -22,7 +22,7 @@ from ..runtime import RetryPolicy, Step
 from ..runtime._definitions import current_scope
 from ._messages import Message, ModelRequest, ModelResponse, ToolCall, ToolSpec, Usage
 from ._models import Model, resolve_model
-from ._tools import Tool, ToolFailure, ToolResult
+from ._tools import Tool, ToolFailure, ToolResult, safe_error
 
 O = TypeVar("O")  # noqa: E741
 
@@ -264,6 +264,7 @@ class Agent(Generic[O]):
                 output = agent._parse(text)
             except ValidationError as exc:
                 invalid += 1
+                await self._check(progress.output(text), progress)
                 if invalid > agent.output_retries:
                     raise OutputInvalid(
                         f"agent {agent.name!r} gave no valid output in {invalid} tries; last "
@@ -271,7 +272,6 @@ class Agent(Generic[O]):
                         "allow more output_retries",
                         agent=agent.name, error=_first(exc),
                     ) from None
-                await self._check(progress.output(text), progress)
                 messages.append(Message(role="user", content=(
                     "Your answer does not match the required output: "
                     f"{_first(exc)}. Answer again with output that matches the schema."
@@ -365,9 +365,7 @@ class Agent(Generic[O]):
 
 
 def _first(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ())) or "output"
-    return f"{where}: {first.get('msg')}"
+    return safe_error(exc.errors()[0], "output")
 
 
 class AgentTool(Tool):
@@ -394,11 +392,12 @@ class AgentTool(Tool):
         try:
             result = await self.agent.run(task)
         except (UsageLimitExceeded, LoopDetected, OutputInvalid) as exc:
+            if exc.fields.get("scope") == "run":  # the run's budget: the whole run stops
+                raise
             return ToolResult(call_id=call.id, name=self.name, failure=ToolFailure(
                 kind="error", retryable=False, detail=str(exc),
                 message=f"{self.name} could not finish the task ({type(exc).__name__})",
             ))
-        output = result.output
-        value = output.model_dump(mode="json") if isinstance(output, BaseModel) else output
+        value = self.agent._output.dump_python(result.output, mode="json")
         return ToolResult(call_id=call.id, name=self.name, value=value, usage=result.usage,
                           cost=result.cost)

@@ -125,10 +125,13 @@ def _instance(schema: dict[str, Any], rng: random.Random, words: list[str],
         return [_instance(schema.get("items", {}), rng, words, defs)
                 for _ in range(rng.randint(1, 2))]
     if kind == "integer":
-        low, high = schema.get("minimum", 1), schema.get("maximum", 100)
-        return rng.randint(int(low), int(high))
+        low = int(schema.get("minimum", schema.get("exclusiveMinimum", 0) + 1))
+        high = int(schema.get("maximum", schema.get("exclusiveMaximum", low + 100) - 1))
+        return rng.randint(low, max(low, high))
     if kind == "number":
-        return round(rng.uniform(schema.get("minimum", 0.0), schema.get("maximum", 1.0)), 3)
+        floor = float(schema.get("minimum", schema.get("exclusiveMinimum", 0.0)))
+        ceiling = float(schema.get("maximum", schema.get("exclusiveMaximum", floor + 1.0)))
+        return round(rng.uniform(floor, max(floor, ceiling)), 3)
     if kind == "boolean":
         return rng.random() < 0.5
     return " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))

@@ -81,11 +81,11 @@ class OpenAIChat:
     def _check(self, response: httpx.Response, text: str) -> None:
         if response.status_code < 400:
             return
+        status = response.status_code
         raise ProviderError(
-            f"{self.name} at {self.base_url} answered HTTP {response.status_code}: "
-            f"{text[:300]}",
-            status=response.status_code, body=text[:2000],
-            headers=dict(response.headers),
+            f"{self.name} at {self.base_url} answered HTTP {status}: {text[:300]}",
+            status=status, body=text[:2000], headers=dict(response.headers),
+            retryable=status in (408, 409, 429) or status >= 500,
         )
 
     def _parse(self, data: dict[str, Any]) -> ModelResponse:
@@ -113,6 +113,13 @@ class OpenAIChat:
             if payload == "[DONE]":
                 break
             chunk = json.loads(payload)
+            if chunk.get("error"):  # some servers report errors inside a 200 stream
+                raise ProviderError(
+                    f"{self.name} at {self.base_url} reported an error mid-stream: "
+                    f"{json.dumps(chunk['error'])[:300]}",
+                    status=200, body=payload[:2000], headers=dict(response.headers),
+                    retryable=True,
+                )
             if chunk.get("usage"):
                 usage = _usage(chunk["usage"])
             for choice in chunk.get("choices") or []:

@@ -149,9 +149,9 @@ class Graph(Generic[S]):
             for update in updates:
                 if update is None:
                     continue
-                fields = update.model_dump() if isinstance(update, BaseModel) else update
-                state = state.model_copy(update=self.state.model_validate(
-                    {**state.model_dump(), **fields}).model_dump())
+                fields = (update.model_dump(exclude_unset=True)
+                          if isinstance(update, BaseModel) else update)
+                state = self.state.model_validate({**state.model_dump(), **fields})
             frontier = self._next(frontier, state)
         return state
 

@@ -136,10 +136,7 @@ class Tool:
         try:
             parsed = self.arguments.model_validate_json(arguments or "{}")
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}"
-                for e in exc.errors()[:5]
-            )
+            problems = "; ".join(safe_error(e, "arguments") for e in exc.errors()[:5])
             return ToolResult(call_id=call_id, name=self.name, failure=ToolFailure(
                 kind="invalid_arguments", retryable=False,
                 message=f"the arguments for {self.name} do not match its schema: {problems}",
@@ -173,21 +170,31 @@ class Tool:
         if isinstance(exc, ToolError):
             return ToolFailure(kind="error", message=exc.message,
                                retryable=bool(exc.fields.get("retryable")), detail=detail)
-        if isinstance(exc, TimeoutError):
+        kinds = {k.__name__ for k in type(exc).__mro__}  # httpx's, without importing httpx
+        if isinstance(exc, TimeoutError) or "TimeoutException" in kinds:
+            after = f" after {self.timeout:g}s" if self.timeout is not None else ""
             return ToolFailure(kind="timeout", retryable=True, detail=detail,
-                               message=f"{name} timed out after {self.timeout:g}s; no data came "
-                                       "back")
+                               message=f"{name} timed out{after}; no data came back")
         status = _http_status(exc)
         if status is not None:
             return ToolFailure(kind="http_error", retryable=status >= 500 or status == 429,
                                detail=detail,
                                message=f"{name} got HTTP {status} from its service; no data "
                                        "came back")
-        if isinstance(exc, (ConnectionError, OSError)):
+        if isinstance(exc, ConnectionError) or kinds & {"TransportError", "NetworkError"}:
             return ToolFailure(kind="unavailable", retryable=True, detail=detail,
                                message=f"{name} could not reach its service ({kind})")
         return ToolFailure(kind="error", retryable=False, detail=detail,
                            message=f"{name} failed ({kind}); the error is recorded for operators")
+
+
+def safe_error(error: Any, where: str) -> str:
+    """A validation error as a model may read it: the field and the rule, not the text of a
+    custom validator's exception (which may hold anything)."""
+    location = ".".join(str(p) for p in error.get("loc", ())) or where
+    if error.get("type") in ("value_error", "assertion_error"):
+        return f"{location}: failed a validation check"
+    return f"{location}: {error.get('msg')}"
 
 
 def _http_status(exc: Exception) -> int | None:

@@ -64,7 +64,9 @@ class RetryPolicy:
         return base * (1 + random.uniform(-self.jitter, self.jitter))
 
     def retryable(self, exc: BaseException) -> bool:
-        return not isinstance(exc, (NonRetryable, StepFailed, *self.non_retryable))
+        if isinstance(exc, (NonRetryable, StepFailed, UsageError, *self.non_retryable)):
+            return False  # (a retry does not fix a program's misuse either)
+        return getattr(exc, "fields", {}).get("retryable") is not False
 
 
 class Step(Generic[P, R]):
