@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
@@ -179,6 +180,7 @@ class Agent(Generic[O]):
         self._model_step: Step[Any, ModelResponse] = Step(
             self._complete, name=f"{name}:model",
             retry=RetryPolicy(max_attempts=3, initial_interval=0.5), timeout=None,
+            origin=sys._getframe(1).f_globals.get("__name__"),  # where the agent is defined
         )
 
     def __repr__(self) -> str:

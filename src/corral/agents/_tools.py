@@ -111,7 +111,7 @@ class Tool:
         self.arguments = create_model(f"{self.name}_arguments", **fields)
         self.step: Step[Any, ToolResult] = Step(
             self._invoke_with_id, name=f"tool:{self.name}",
-            retry=RetryPolicy(max_attempts=1), timeout=None,
+            retry=RetryPolicy(max_attempts=1), timeout=None, origin=fn.__module__,
         )
 
     @functools.cached_property

@@ -13,23 +13,45 @@ import contextvars
 import random as _random
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from .._errors import UsageError
-from ._definitions import Workflow, current_scope
-
-if TYPE_CHECKING:
-    from ._engine import _Run
+from .._errors import InvalidInput, RunCancelled, RunFailed, SignalTimeout, UsageError
+from .._serde import adapter
+from ._definitions import Step, Workflow, _first_error, current_scope
 
 O = TypeVar("O")  # noqa: E741
 
 MISSING: Any = object()
 
 
+class _RunState(Protocol):
+    """What an engine keeps for a run live in it: the embedded `_Run`, or the Temporal one."""
+
+    id: str
+    ctx: Context
+    activity: int
+    cancel_requested: bool
+    extras: dict[str, Any]
+
+    @property
+    def workflow_name(self) -> str: ...
+    @property
+    def parent_id(self) -> str | None: ...
+    async def step(self, step: Step[Any, Any], scope: _Scope, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any: ...
+    def now(self, scope: _Scope) -> datetime: ...
+    async def sleep(self, scope: _Scope, seconds: float) -> None: ...
+    async def wait_for(self, scope: _Scope, name: str, timeout: float | None, default: Any,
+                       tp: Any) -> Any: ...
+    async def run_child(self, scope: _Scope, wf: Workflow[Any, Any], value: Any,
+                        child_id: str | None, queue: str | None, priority: int | None
+                        ) -> Any: ...
+
+
 class _Scope:
     __slots__ = ("n", "prefix", "run")
 
-    def __init__(self, run: _Run, prefix: str) -> None:
+    def __init__(self, run: _RunState, prefix: str) -> None:
         self.run = run
         self.prefix = prefix
         self.n = 0
@@ -40,16 +62,23 @@ class _Scope:
         return key
 
 
+def child_context() -> contextvars.Context | None:
+    """The context of a task created now: in workflow code, a scope of its own."""
+    scope = current_scope.get()
+    if scope is None:
+        return None
+    context = contextvars.copy_context()
+    context.run(current_scope.set, _Scope(scope.run, scope.next() + "/"))
+    scope.run.activity += 1
+    return context
+
+
 def task_factory(
     loop: asyncio.AbstractEventLoop, coro: Any, *, context: contextvars.Context | None = None
 ) -> asyncio.Task[Any]:
     """Give each task created inside a workflow its own deterministic scope."""
     if context is None:
-        scope = current_scope.get()
-        if scope is not None:
-            context = contextvars.copy_context()
-            context.run(current_scope.set, _Scope(scope.run, scope.next() + "/"))
-            scope.run.activity += 1
+        context = child_context()
     if context is None:
         return asyncio.Task(coro, loop=loop)
     return asyncio.Task(coro, loop=loop, context=context)
@@ -67,7 +96,7 @@ class Context:
 
     __slots__ = ("_rng", "_run")
 
-    def __init__(self, run: _Run) -> None:
+    def __init__(self, run: _RunState) -> None:
         self._run = run
         self._rng: _random.Random | None = None
 
@@ -86,11 +115,11 @@ class Context:
 
     @property
     def workflow(self) -> str:
-        return self._run.record.workflow
+        return self._run.workflow_name
 
     @property
     def parent_id(self) -> str | None:
-        return self._run.record.parent_id
+        return self._run.parent_id
 
     @property
     def cancel_requested(self) -> bool:
@@ -153,6 +182,46 @@ class Context:
         value = workflow.validate_input(input)
         result: O = await self._run.run_child(scope, workflow, value, id, queue, priority)
         return result
+
+
+def signal_value(run_id: str, name: str, record: dict[str, Any], timeout: float | None,
+                 default: Any, tp: Any) -> Any:
+    """What ``wait_for`` returns for a journaled outcome ``{"value": ...}`` or a timeout."""
+    if record.get("timeout"):
+        if default is not MISSING:
+            return default
+        raise SignalTimeout(
+            f"run {run_id!r}: no signal {name!r} within {timeout or 0:g}s; pass default= to "
+            "carry on without one, or catch corral.SignalTimeout", run_id=run_id, signal=name,
+        )
+    if tp is Any:
+        return record["value"]
+    try:
+        return adapter(tp).validate_python(record["value"])
+    except ValueError as exc:
+        raise InvalidInput(
+            f"run {run_id!r}: the value of signal {name!r} ({record['value']!r:.60}) is "
+            f"not a {getattr(tp, '__name__', tp)}: {_first_error(exc)}; catch "
+            "corral.InvalidInput to ask again, or send a valid value",
+            run_id=run_id, signal=name,
+        ) from None
+
+
+def child_value(wf: Workflow[Any, Any], record: dict[str, Any]) -> Any:
+    """What ``run_child`` returns for a child's outcome ``{"id", "status", "result", "error"}``."""
+    if record["status"] == "completed":
+        result = record["result"]
+        return result if wf.output_type is Any else adapter(wf.output_type).validate_python(
+            result
+        )
+    child = record["id"]
+    if record["status"] == "cancelled":
+        raise RunCancelled(f"child run {child!r} was cancelled", run_id=child)
+    error = record["error"] or {}
+    raise RunFailed(
+        f"child run {child!r} failed: {error.get('type')}: {error.get('message')}",
+        run_id=child, error_type=error.get("type"), error=error.get("message"),
+    )
 
 
 def utc(ts: float) -> datetime:

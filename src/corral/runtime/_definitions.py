@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import importlib
@@ -79,6 +80,7 @@ class Step(Generic[P, R]):
         name: str,
         retry: RetryPolicy,
         timeout: float | None,
+        origin: str | None = None,
     ) -> None:
         self.fn = fn
         self.name = name
@@ -88,6 +90,10 @@ class Step(Generic[P, R]):
         self.wants_key = "idempotency_key" in inspect.signature(fn).parameters
         self._returns: Any = _hints(fn).get("return", Any)
         functools.update_wrapper(self, fn)
+        # The module that defines the step: an engine that runs steps in other processes
+        # (Temporal's activities) finds it again by (origin, name).
+        self.origin = origin or fn.__module__
+        _STEPS[(self.origin, name)] = _STEPS[("", name)] = self
 
     @functools.cached_property
     def decode(self) -> Callable[[str | bytes], Any]:
@@ -102,26 +108,41 @@ class Step(Generic[P, R]):
         result: R = await scope.run.step(self, scope, args, kwargs)
         return result
 
+    def load_arguments(self, args: list[Any], kwargs: dict[str, Any]
+                       ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Arguments that travelled as JSON, validated back into the parameters' types."""
+        bound = inspect.signature(self.fn).bind(*args, **kwargs)
+        hints = _hints(self.fn)
+        for name, value in bound.arguments.items():
+            kind = bound.signature.parameters[name].kind
+            if name in hints and kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                              inspect.Parameter.VAR_KEYWORD):
+                bound.arguments[name] = adapter(hints[name]).validate_python(value)
+        return bound.args, bound.kwargs
+
+    async def once(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None) -> R:
+        """One attempt of the body under the step's timeout (an engine retries it)."""
+        if self.wants_key and key is not None and "idempotency_key" not in kwargs:
+            kwargs = {**kwargs, "idempotency_key": key}
+        if self.is_async:
+            call = self.fn(*args, **kwargs)
+        else:
+            call = asyncio.to_thread(self.fn, *args, **kwargs)  # type: ignore[arg-type]
+        if self.timeout is None:
+            value: R = await call  # type: ignore[misc]
+            return value
+        async with asyncio.timeout(self.timeout):
+            return await call  # type: ignore[misc,no-any-return]
+
     async def attempt(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None
     ) -> tuple[R, int]:
         """Run the body under the retry policy and timeout; return (value, attempts)."""
-        if self.wants_key and key is not None and "idempotency_key" not in kwargs:
-            kwargs = {**kwargs, "idempotency_key": key}
         attempt = 0
         while True:
             attempt += 1
             try:
-                if self.is_async:
-                    call = self.fn(*args, **kwargs)
-                else:
-                    call = asyncio.to_thread(self.fn, *args, **kwargs)  # type: ignore[arg-type]
-                if self.timeout is None:
-                    value: R = await call  # type: ignore[misc]
-                else:
-                    async with asyncio.timeout(self.timeout):
-                        value = await call  # type: ignore[misc]
-                return value, attempt
+                return await self.once(args, kwargs, key), attempt
             except Exception as exc:
                 if not self.retry.retryable(exc) or attempt >= self.retry.max_attempts:
                     raise step_failed(self.name, exc, attempt, self.timeout) from exc
@@ -269,6 +290,18 @@ def workflow(fn: Callable[..., Awaitable[O]] | None = None, *, name: str | None 
 
 
 _REGISTRY: dict[str, Workflow[Any, Any]] = {}
+# Steps by (defining module, name), and by ("", name) for the latest of that name.
+_STEPS: dict[tuple[str, str], Step[Any, Any]] = {}
+
+
+def find_step(origin: str, name: str) -> Step[Any, Any] | None:
+    """A step defined in this process, by where it was defined and its name."""
+    found = _STEPS.get((origin, name))
+    if found is None and origin and origin not in sys.modules:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(origin)
+            found = _STEPS.get((origin, name))
+    return found or _STEPS.get(("", name))
 
 
 def resolve(name: str, ref: str) -> Workflow[Any, Any]:

@@ -33,17 +33,15 @@ from typing import Any, Generic, TypeVar
 
 from .._errors import (
     CorralError,
-    InvalidInput,
     NonDeterminismError,
     RunCancelled,
     RunConflict,
     RunFailed,
-    SignalTimeout,
     StepFailed,
     StoreError,
     UsageError,
 )
-from .._serde import PydanticSerializationError, adapter, dumps, loads
+from .._serde import PydanticSerializationError, dumps, loads
 from ..stores import (
     Batch,
     Claimed,
@@ -56,8 +54,8 @@ from ..stores import (
     check_resubmission,
 )
 from ..stores._base import Outcome
-from ._context import MISSING, Context, _Scope, task_factory, utc
-from ._definitions import Step, Workflow, _first_error, current_scope, resolve
+from ._context import Context, _Scope, child_value, signal_value, task_factory, utc
+from ._definitions import Step, Workflow, current_scope, resolve
 
 log = logging.getLogger("corral.runtime")
 
@@ -155,6 +153,14 @@ class _Run:
         self.ctx = Context(self)
         for signal in claimed.signals:
             self.deliver(signal)
+
+    @property
+    def workflow_name(self) -> str:
+        return self.record.workflow
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.record.parent_id
 
     # -- the journal ------------------------------------------------------------------------
 
@@ -286,26 +292,7 @@ class _Run:
             outcome = await self._receive(key, "wait", name, name, entry, timeout)
         else:
             outcome = entry.value or "{}"
-        record = json.loads(outcome)
-        if record.get("timeout"):
-            if default is not MISSING:
-                return default
-            raise SignalTimeout(
-                f"run {self.id!r}: no signal {name!r} within {timeout:g}s; pass default= to "
-                "carry on without one, or catch corral.SignalTimeout", run_id=self.id,
-                signal=name,
-            )
-        if tp is Any:
-            return record["value"]
-        try:
-            return adapter(tp).validate_python(record["value"])
-        except ValueError as exc:
-            raise InvalidInput(
-                f"run {self.id!r}: the value of signal {name!r} ({record['value']!r:.60}) is "
-                f"not a {getattr(tp, '__name__', tp)}: {_first_error(exc)}; catch "
-                "corral.InvalidInput to ask again, or send a valid value",
-                run_id=self.id, signal=name,
-            ) from None
+        return signal_value(self.id, name, json.loads(outcome), timeout, default, tp)
 
     async def _receive(self, key: str, kind: str, name: str, signal_name: str,
                        entry: JournalEntry | None, timeout: float | None,
@@ -363,20 +350,7 @@ class _Run:
                                           None, pending)
         else:
             outcome = entry.value or "{}"
-        record = json.loads(outcome)["value"]
-        if record["status"] == "completed":
-            result = record["result"]
-            return result if wf.output_type is Any else adapter(wf.output_type).validate_python(
-                result
-            )
-        child = record["id"]
-        if record["status"] == "cancelled":
-            raise RunCancelled(f"child run {child!r} was cancelled", run_id=child)
-        error = record["error"] or {}
-        raise RunFailed(
-            f"child run {child!r} failed: {error.get('type')}: {error.get('message')}",
-            run_id=child, error_type=error.get("type"), error=error.get("message"),
-        )
+        return child_value(wf, json.loads(outcome)["value"])
 
     # -- waiting ----------------------------------------------------------------------------
 

@@ -1,0 +1,153 @@
+"""Schema migrations for the shared stores, on PostgreSQL (a cluster) or SQLite (one machine).
+
+Every store that keeps shared records adds its tables here, as numbered migrations, and checks
+at open that the database has them. `corral db upgrade` applies what is missing, in order, each
+in its own transaction, under a lock so that two upgrades at once apply each migration once.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from .._errors import StoreError, UsageError
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    postgres: str
+    sqlite: str
+
+
+MIGRATIONS: list[Migration] = [
+    Migration(
+        1, "payload blobs: large workflow payloads stored once by content hash",
+        postgres="CREATE TABLE corral_blobs (hash BYTEA PRIMARY KEY, data BYTEA NOT NULL)",
+        sqlite="CREATE TABLE corral_blobs (hash BLOB PRIMARY KEY, data BLOB NOT NULL) "
+               "WITHOUT ROWID",
+    ),
+]
+
+_LOCK_KEY = 0x636F7272616C  # "corral": the advisory lock that serializes upgrades
+
+
+def is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+def sqlite_path(url: str) -> str:
+    return url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
+
+
+def connect(url: str) -> Any:
+    """A DB-API connection to a shared database URL (postgresql://... or a SQLite path)."""
+    if is_postgres(url):
+        try:
+            import psycopg
+        except ImportError:
+            raise UsageError(
+                "PostgreSQL needs the cluster extra; pip install 'corral[cluster]'"
+            ) from None
+        try:
+            return psycopg.connect(url, connect_timeout=5)
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"cannot connect to PostgreSQL at {_redact(url)}: {str(exc).strip()}; check "
+                "the URL (database in corral.toml or $CORRAL_DATABASE_URL) and that the server "
+                "is up", url=_redact(url),
+            ) from None
+    if "://" in url:
+        raise UsageError(
+            f"database URL {_redact(url)!r} is neither postgresql://... nor a SQLite path "
+            "(sqlite:///path or a plain path)"
+        )
+    try:
+        conn = sqlite3.connect(sqlite_path(url), timeout=10, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        return conn
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open the SQLite database {url}: {exc}; check the path",
+                         url=url) from None
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    head, sep, tail = url.partition("@")
+    if not sep or ":" not in head.split("//", 1)[-1]:
+        return url
+    scheme, _, credentials = head.partition("//")
+    return f"{scheme}//{credentials.split(':', 1)[0]}:***@{tail}"
+
+
+@contextmanager
+def _transaction(conn: Any, postgres: bool) -> Iterator[Any]:
+    cur = conn.cursor()
+    if postgres:
+        with conn.transaction():
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            yield cur
+    else:
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
+
+
+def _applied(cur: Any, postgres: bool) -> set[int]:
+    cur.execute(
+        "CREATE TABLE IF NOT EXISTS corral_migrations (version INTEGER PRIMARY KEY, "
+        f"name TEXT NOT NULL, applied_at {'TIMESTAMPTZ' if postgres else 'TEXT'} NOT NULL "
+        f"DEFAULT {'now()' if postgres else 'CURRENT_TIMESTAMP'})"
+    )
+    cur.execute("SELECT version FROM corral_migrations")
+    return {row[0] for row in cur.fetchall()}
+
+
+def upgrade(url: str) -> list[Migration]:
+    """Apply the migrations the database lacks; return them (empty: it was up to date)."""
+    postgres = is_postgres(url)
+    conn = connect(url)
+    done: list[Migration] = []
+    try:
+        for migration in MIGRATIONS:
+            with _transaction(conn, postgres) as cur:
+                if migration.version in _applied(cur, postgres):
+                    continue
+                cur.execute(migration.postgres if postgres else migration.sqlite)
+                cur.execute(
+                    "INSERT INTO corral_migrations (version, name) VALUES "
+                    + ("(%s, %s)" if postgres else "(?, ?)"),
+                    (migration.version, migration.name),
+                )
+                done.append(migration)
+    finally:
+        conn.close()
+    return done
+
+
+def require(conn: Any, url: str, version: int) -> None:
+    """Fail with what to do when the database lacks migration ``version``."""
+    postgres = is_postgres(url)
+    cur = conn.cursor()
+    try:
+        cur.execute("SELECT max(version) FROM corral_migrations")
+        current = cur.fetchone()[0] or 0
+    except Exception:
+        current = 0
+        if postgres:
+            conn.rollback()
+    if current < version:
+        raise StoreError(
+            f"the database {_redact(url)} is at schema version {current} and corral needs "
+            f"{version}; run `corral db upgrade` (it applies the migrations, once, safely "
+            "with several workers up)", url=_redact(url), version=current,
+        )
