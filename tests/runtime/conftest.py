@@ -14,27 +14,8 @@ from typing import Any
 
 import pytest
 
-import corral
-
 Check = Callable[[], Any]
 WaitUntil = Callable[..., Awaitable[Any]]
-MakeRuntime = Callable[..., corral.Runtime]
-
-
-@pytest.fixture
-def runtime(db: str) -> MakeRuntime:
-    """Make runtimes on the test's database, tuned like the `rt` fixture; options override."""
-
-    def make(**options: Any) -> corral.Runtime:
-        settings: dict[str, Any] = {
-            "poll_interval": 0.01,
-            "idle_after": 0.05,
-            "durability": "process",
-            **options,
-        }
-        return corral.Runtime(db, **settings)
-
-    return make
 
 
 async def _wait_until(check: Check, *, timeout: float = 3.0, what: str = "") -> Any:

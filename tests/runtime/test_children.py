@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from _journal import journal_is
 
 import corral
 
@@ -42,15 +43,15 @@ async def adds_children(ctx: corral.Context, ns: list[int]) -> int:
     return total
 
 
-def children_of(rt: corral.Runtime, parent_id: str) -> list[Any]:
-    return [r for r in rt.store.list_runs(limit=1000) if r.parent_id == parent_id]
+async def children_of(rt: corral.Runtime, parent_id: str) -> list[Any]:
+    return [r for r in await rt.list_runs(limit=1000) if r.parent_id == parent_id]
 
 
 async def test_a_child_result_is_returned_to_the_parent(rt: corral.Runtime) -> None:
     handle = await rt.start(adds_children, [1, 2])
 
     assert await handle.result(timeout=5) == 30
-    children = children_of(rt, handle.id)
+    children = (await children_of(rt, handle.id))
     assert len(children) == 2
     assert {c.workflow for c in children} == {"times_ten"}
     assert {c.status for c in children} == {"completed"}
@@ -136,13 +137,14 @@ async def waits_for_slow_child(ctx: corral.Context) -> str:
     return await ctx.run_child(slow_child, 0.4)
 
 
+@pytest.mark.embedded_only  # eviction from memory is the embedded engine's own
 async def test_a_parent_evicted_while_its_child_runs_wakes_when_the_child_ends(
     rt: corral.Runtime, wait_until: Any
 ) -> None:
     handle = await rt.start(waits_for_slow_child)
 
     async def both_waiting() -> bool:
-        children = children_of(rt, handle.id)
+        children = (await children_of(rt, handle.id))
         return (await rt.get(handle.id)).status == "waiting" and bool(children) and all(
             c.status == "waiting" for c in children)
 
@@ -166,7 +168,7 @@ async def test_a_child_is_started_once_across_a_crash(runtime: Any, wait_until: 
 
     async with runtime() as rt:
         assert await rt.handle(handle.id).result(timeout=5) == 51
-        children = children_of(rt, handle.id)
+        children = (await children_of(rt, handle.id))
 
     assert len(children) == 1
     assert calls == Counter({"child body 5": 2, "child 5": 2, "parent after": 1})
@@ -190,7 +192,7 @@ async def test_a_cancelled_child_raises_run_cancelled_in_the_parent(
     rt: corral.Runtime, wait_until: Any
 ) -> None:
     handle = await rt.start(survives_child_cancel)
-    await wait_until(lambda: any(e.kind == "wait" for e in rt.store.journal("cancelled-child")),
+    await wait_until(journal_is(rt, "cancelled-child", lambda j: any(e.kind == "wait" for e in j)),
                      what="the child to wait")
 
     await rt.cancel("cancelled-child")
@@ -208,7 +210,7 @@ async def test_children_started_in_parallel_each_return(rt: corral.Runtime) -> N
     handle = await rt.start(gathers_children)
 
     assert await handle.result(timeout=5) == [0, 10, 20]
-    assert len(children_of(rt, handle.id)) == 3
+    assert len((await children_of(rt, handle.id))) == 3
 
 
 @corral.workflow
@@ -221,7 +223,7 @@ async def test_child_input_is_validated_in_the_parent(rt: corral.Runtime) -> Non
         await rt.run(passes_bad_input)
 
     assert info.value.error_type == "InvalidInput"
-    assert rt.store.list_runs(workflow="times_ten") == []
+    assert await rt.list_runs(workflow="times_ten") == []
 
 
 @corral.workflow

@@ -84,7 +84,7 @@ async def test_invalid_input_raises_invalid_input_and_creates_no_run(
     assert info.value.workflow == "checkout"
     assert "quantity" in str(info.value)
     assert isinstance(info.value, corral.UsageError)
-    assert rt.store.list_runs() == []
+    assert await rt.list_runs() == []
     assert calls == Counter()
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import corral
+pytestmark = pytest.mark.embedded_only  # the embedded engine's queue: priorities, concurrency keys, claims
 
 executed: list[str] = []
 calls: Counter[str] = Counter()

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+from _journal import journal_is
 from pydantic import BaseModel
 
 import corral
@@ -66,14 +67,14 @@ async def test_gathered_steps_replay_without_running_finished_ones_again(
     async with runtime() as rt:
         handle = await rt.start(fan_out_steps, 4)
         await wait_until(
-            lambda: sum(e.status == "ok" for e in rt.store.journal(handle.id)) == 3,
+            journal_is(rt, handle.id, lambda j: sum(e.status == "ok" for e in j) == 3),
             what="three of four parallel steps to finish",
         )
     holding.clear()
 
     async with runtime() as rt:
         assert await rt.handle(handle.id).result(timeout=5) == [0, 1, 4, 9]
-        journal = rt.store.journal(handle.id)
+        journal = await rt.journal(handle.id)
 
     assert calls == Counter({"square 0": 2, "square 1": 1, "square 2": 1, "square 3": 1})
     assert sorted(e.value for e in journal) == ["0", "1", "4", "9"]
@@ -95,8 +96,8 @@ async def test_gathered_branches_of_several_steps_replay_correctly(
     holding.add("increment 4")  # branch 2's second step
     async with runtime() as rt:
         handle = await rt.start(fan_out_branches)
-        await wait_until(lambda: calls["increment 4"] == 1 and len(
-            [e for e in rt.store.journal(handle.id) if e.status == "ok"]) == 5,
+        await wait_until(journal_is(rt, handle.id, lambda j: calls["increment 4"] == 1 and len(
+            [e for e in j if e.status == "ok"]) == 5),
             what="five of six steps to finish")
     holding.clear()
 
@@ -120,8 +121,8 @@ async def test_task_group_branches_replay_correctly(runtime: Any, wait_until: An
     holding.add("increment 1")  # branch 1's second step
     async with runtime() as rt:
         handle = await rt.start(task_group_branches)
-        await wait_until(lambda: calls["increment 1"] == 1 and len(
-            [e for e in rt.store.journal(handle.id) if e.status == "ok"]) == 5,
+        await wait_until(journal_is(rt, handle.id, lambda j: calls["increment 1"] == 1 and len(
+            [e for e in j if e.status == "ok"]) == 5),
             what="five of six steps to finish")
     holding.clear()
 
@@ -305,6 +306,7 @@ def _stored_bytes(path: str, run_id: str) -> int:
     return int(journal) + int(blobs)
 
 
+@pytest.mark.embedded_only  # the embedded store's layout
 async def test_a_growing_value_passed_step_to_step_is_stored_about_once(
     runtime: Any, wait_until: Any, db: str
 ) -> None:

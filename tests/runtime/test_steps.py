@@ -53,7 +53,7 @@ async def test_step_results_are_journaled_in_order(rt: corral.Runtime) -> None:
     handle = await rt.start(two_steps, 1)
 
     assert await handle.result(timeout=5) == 5
-    journal = rt.store.journal(handle.id)
+    journal = (await rt.journal(handle.id))
     assert [(e.kind, e.name, e.status, e.value) for e in journal] == [
         ("step", "record", "ok", "2"),
         ("step", "record", "ok", "4"),
@@ -64,7 +64,7 @@ async def test_step_results_are_journaled_in_order(rt: corral.Runtime) -> None:
 
 
 async def test_completed_steps_are_not_executed_again_after_a_crash(
-    runtime: Any, wait_until: Any
+    runtime: Any, wait_until: Any, engine: str
 ) -> None:
     holding.add("second")
     async with runtime() as rt:
@@ -74,8 +74,11 @@ async def test_completed_steps_are_not_executed_again_after_a_crash(
 
     async with runtime(worker=False) as client:  # closing handed the run back to the store
         record = await client.get(handle.id)
-        assert (record.status, record.owner) == ("queued", None)
-        assert [e.value for e in client.store.journal(handle.id)] == ["2"]
+        # (on Temporal a run is running until it ends, whichever workers come and go)
+        assert (record.status, record.owner) == (
+            ("queued", None) if engine == "embedded" else ("running", None))
+        if engine == "embedded":  # (Temporal reads journals through a worker)
+            assert [e.value for e in (await client.journal(handle.id))] == ["2"]
 
     async with runtime() as rt:
         assert await rt.handle(handle.id).result(timeout=5) == 5
@@ -83,7 +86,8 @@ async def test_completed_steps_are_not_executed_again_after_a_crash(
 
     assert calls == Counter(first=1, second=2, third=1)
     assert record.status == "completed"
-    assert record.attempts == 2  # claimed once by each runtime
+    if engine == "embedded":
+        assert record.attempts == 2  # claimed once by each runtime
 
 
 @corral.step(retry=corral.RetryPolicy(max_attempts=4, initial_interval=0.01, backoff=2.0,
@@ -115,7 +119,7 @@ async def test_a_failing_step_is_retried_with_backoff_and_one_idempotency_key(
     gaps = [b - a for a, b in itertools.pairwise(attempt_times)]
     for gap, wanted in zip(gaps, [0.01, 0.02, 0.04], strict=True):
         assert gap >= wanted * 0.9
-    [entry] = rt.store.journal(handle.id)
+    [entry] = (await rt.journal(handle.id))
     assert (entry.status, entry.attempts) == ("ok", 4)
 
 
@@ -320,7 +324,7 @@ async def test_a_plain_function_can_be_a_step(rt: corral.Runtime) -> None:
     handle = await rt.start(uses_sync_step, 4)
 
     assert await handle.result(timeout=5) == 12
-    [entry] = rt.store.journal(handle.id)
+    [entry] = (await rt.journal(handle.id))
     assert (entry.kind, entry.name, entry.value) == ("step", "blocking_io", "12")
 
 

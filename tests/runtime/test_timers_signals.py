@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from _journal import journal_is
 from pydantic import BaseModel
 
 import corral
@@ -35,9 +36,9 @@ async def status(rt: corral.Runtime, run_id: str) -> str:
     return (await rt.get(run_id)).status
 
 
-def has_pending_wait(rt: corral.Runtime, run_id: str, name: str) -> bool:
-    return any(e.kind == "wait" and e.name == name and e.status == "pending"
-               for e in rt.store.journal(run_id))
+def has_pending_wait(rt: Any, run_id: str, name: str) -> Any:
+    return journal_is(rt, run_id, lambda j: any(
+        e.kind == "wait" and e.name == name and e.status == "pending" for e in j))
 
 
 # -- timers ------------------------------------------------------------------------------------
@@ -56,10 +57,11 @@ async def test_a_short_sleep_completes(rt: corral.Runtime) -> None:
     handle = await rt.start(naps, 0.01)
 
     assert await handle.result(timeout=5) >= 0.01
-    sleeps = [e for e in rt.store.journal(handle.id) if e.kind == "sleep"]
+    sleeps = [e for e in (await rt.journal(handle.id)) if e.kind == "sleep"]
     assert [e.status for e in sleeps] == ["ok"]
 
 
+@pytest.mark.embedded_only  # eviction from memory is the embedded engine's own
 async def test_a_sleep_longer_than_idle_after_waits_in_the_store(
     rt: corral.Runtime, wait_until: Any
 ) -> None:
@@ -82,6 +84,7 @@ async def _record_if(rt: corral.Runtime, run_id: str, wanted: str) -> Any:
     return record if record.status == wanted else None
 
 
+@pytest.mark.embedded_only  # eviction from memory is the embedded engine's own
 async def test_drain_returns_while_a_long_sleep_waits_in_the_store(rt: corral.Runtime) -> None:
     handle = await rt.start(naps, 3600)
 
@@ -96,7 +99,7 @@ async def test_drain_returns_while_a_long_sleep_waits_in_the_store(rt: corral.Ru
 async def test_a_sleeping_run_resumes_in_another_runtime(runtime: Any, wait_until: Any) -> None:
     async with runtime(idle_after=60) as rt:  # the run stays in memory while it sleeps
         handle = await rt.start(naps, 0.3)
-        await wait_until(lambda: any(e.kind == "sleep" for e in rt.store.journal(handle.id)),
+        await wait_until(journal_is(rt, handle.id, lambda j: any(e.kind == "sleep" for e in j)),
                          what="the sleep to start")
 
     async with runtime() as rt:
@@ -140,7 +143,7 @@ async def test_a_signal_sent_while_the_run_waits_in_memory(
 ) -> None:
     async with runtime(idle_after=60) as rt:
         handle = await rt.start(waits_for_approval)
-        await wait_until(lambda: has_pending_wait(rt, handle.id, "approval"),
+        await wait_until(has_pending_wait(rt, handle.id, "approval"),
                          what="the run to wait")
         assert await status(rt, handle.id) == "running"
 
@@ -149,6 +152,7 @@ async def test_a_signal_sent_while_the_run_waits_in_memory(
         assert await handle.result(timeout=5) == "yes"
 
 
+@pytest.mark.embedded_only  # eviction from memory is the embedded engine's own
 async def test_a_signal_wakes_a_run_evicted_from_memory(
     rt: corral.Runtime, wait_until: Any
 ) -> None:
@@ -172,7 +176,7 @@ async def test_signals_reach_their_waits_by_name_not_by_arrival(
     rt: corral.Runtime, wait_until: Any
 ) -> None:
     handle = await rt.start(waits_for_a_then_b)
-    await wait_until(lambda: has_pending_wait(rt, handle.id, "a"), what="the wait for a")
+    await wait_until(has_pending_wait(rt, handle.id, "a"), what="the wait for a")
 
     await rt.signal(handle.id, "b", "second")
     await rt.signal(handle.id, "a", "first")
@@ -236,6 +240,7 @@ async def test_a_wait_that_times_out_returns_the_default(rt: corral.Runtime) -> 
     assert await rt.run(waits_with_default, 0.02) == "fallback"
 
 
+@pytest.mark.embedded_only  # eviction from memory is the embedded engine's own
 async def test_a_wait_timeout_longer_than_idle_after_returns_the_default(
     rt: corral.Runtime, wait_until: Any
 ) -> None:

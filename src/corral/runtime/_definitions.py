@@ -111,7 +111,7 @@ class Step(Generic[P, R]):
     def load_arguments(self, args: list[Any], kwargs: dict[str, Any]
                        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Arguments that travelled as JSON, validated back into the parameters' types."""
-        bound = inspect.signature(self.fn).bind(*args, **kwargs)
+        bound = inspect.signature(self.fn).bind_partial(*args, **kwargs)
         hints = _hints(self.fn)
         for name, value in bound.arguments.items():
             kind = bound.signature.parameters[name].kind

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import contextvars
 import fcntl
+import functools
 import gc
 import json
 import logging
@@ -826,6 +827,17 @@ class Runtime:
 
     async def get(self, run_id: str) -> RunRecord:
         return await self._call(self.store.get_run, run_id)
+
+    async def list_runs(self, *, status: str | None = None, workflow: str | None = None,
+                        limit: int = 50) -> list[RunRecord]:
+        """Runs, newest first."""
+        return await self._call(
+            functools.partial(self.store.list_runs, status=status, workflow=workflow,
+                              limit=limit))
+
+    async def journal(self, run_id: str) -> list[JournalEntry]:
+        """What the run has done so far: one entry per durable operation, in order."""
+        return await self._call(self.store.journal, run_id)
 
     async def signal(self, run_id: str, name: str, value: Any = None) -> None:
         """Send a signal; the run receives it in ``ctx.wait_for(name)``, now or later."""

@@ -21,7 +21,7 @@ import json
 import time
 import traceback
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from hashlib import blake2b
 from typing import Any, Generic, TypeVar
@@ -47,13 +47,14 @@ from .._errors import (
     RunCancelled,
     RunConflict,
     RunFailed,
+    RunFinished,
     RunNotFound,
     StepFailed,
     StoreError,
     UsageError,
 )
 from .._serde import PydanticSerializationError, dumps, loads
-from ..stores import RunRecord
+from ..stores import JournalEntry, RunRecord
 from ..stores.blobs import BlobStore
 from ._context import Context, _Scope, child_context, child_value, signal_value, utc
 from ._definitions import Step, Workflow, current_scope, find_step, resolve, step_failed
@@ -81,12 +82,13 @@ def parse_engine_url(url: str) -> dict[str, Any]:
 
 
 class _Record:
-    __slots__ = ("attempts", "kind", "name", "status", "value")
+    __slots__ = ("at", "attempts", "kind", "name", "status", "value")
 
-    def __init__(self, kind: str, name: str, status: str, value: str, attempts: int = 1
-                 ) -> None:
+    def __init__(self, kind: str, name: str, status: str, value: str, attempts: int = 1,
+                 at: float = 0.0) -> None:
         self.kind, self.name, self.status, self.value = kind, name, status, value
         self.attempts = attempts
+        self.at = at
 
 
 class _TemporalRun:
@@ -149,7 +151,8 @@ class _TemporalRun:
 
     def _record(self, key: str, kind: str, name: str, status: str, value: str,
                 attempts: int = 1) -> None:
-        self.journal[key] = _Record(kind, name, status, value, attempts)
+        self.journal[key] = _Record(kind, name, status, value, attempts,
+                                    workflow.now().timestamp())
         self.activity += 1
 
     async def step(self, step: Step[Any, Any], scope: _Scope, args: tuple[Any, ...],
@@ -190,9 +193,11 @@ class _TemporalRun:
                     ),
                     maximum_attempts=policy.max_attempts,
                 ),
-                summary=step.name,
+                # the key and the name: replaying changed code that calls another step here
+                # is a non-determinism error, as on the embedded engine
+                activity_id=f"{key} {step.name}", summary=step.name,
             )
-            text: str = await handle
+            attempts, text = await handle
         except tex.ActivityError as exc:
             cause = exc.cause
             if isinstance(cause, tex.CancelledError):
@@ -211,7 +216,7 @@ class _TemporalRun:
             raise
         finally:
             self.inflight -= 1
-        self._record(key, "step", step.name, "ok", text)
+        self._record(key, "step", step.name, "ok", text, attempts)
         return step.decode(text)
 
     def now(self, scope: _Scope) -> datetime:
@@ -291,14 +296,18 @@ class _TemporalRun:
                     WORKFLOW, args, id=child_id,
                     task_queue=queue or workflow.info().task_queue,
                     memo=_memo(wf, args), priority=_priority(priority),
+                    id_reuse_policy=temporalio.common.WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 ))
                 outcome = {"id": child_id, "status": "completed", "result": json.loads(text),
                            "error": None}
             except tex.ChildWorkflowError as exc:
+                if self.cancel_requested and isinstance(exc.cause, tex.CancelledError):
+                    raise asyncio.CancelledError() from None  # cancelled with its parent
                 outcome = {"id": child_id, **_ended(exc.cause)}
             except tex.WorkflowAlreadyStartedError:
                 raise RunConflict(
-                    f"child run id {child_id!r} is taken by another run; choose another id",
+                    f"child run id {child_id!r} is taken by a run that is not a child of "
+                    f"{self.id!r}; choose another id",
                     run_id=child_id,
                 ) from None
         except asyncio.CancelledError:
@@ -309,12 +318,15 @@ class _TemporalRun:
         self._record(key, "child", wf.name, "ok", json.dumps(outcome))
         return child_value(wf, outcome)
 
+    def entries(self) -> list[tuple[str, str, str, str, str, int, float]]:
+        return [(k, e.kind, e.name, e.status, e.value, e.attempts, e.at)
+                for k, e in self.journal.items()]
+
     def carry(self) -> dict[str, Any]:
         """The arguments of this run's next history: its journal and unread signals."""
         return {
             **self.args,
-            "journal": [(k, e.kind, e.name, e.status, e.value, e.attempts)
-                        for k, e in self.journal.items()],
+            "journal": self.entries(),
             "signals": [(name, v) for name, queue in self.inbox.items() for v in queue],
         }
 
@@ -332,8 +344,13 @@ def _ended(cause: BaseException | None) -> dict[str, Any]:
     if isinstance(cause, tex.CancelledError):
         return {"status": "cancelled", "result": None, "error": None}
     if isinstance(cause, tex.ApplicationError):
+        kind, message = cause.type or "Error", cause.message
+        if "Nondeterminism error" in message:  # Temporal's, found replaying its history
+            kind = "NonDeterminismError"
+            message += ("; workflow code must make the same calls in the same order on replay "
+                        "(use steps and ctx.now()/ctx.random() for anything that varies)")
         return {"status": "failed", "result": None,
-                "error": {"type": cause.type or "Error", "message": cause.message}}
+                "error": {"type": kind, "message": message}}
     if isinstance(cause, tex.TerminatedError):
         return {"status": "failed", "result": None,
                 "error": {"type": "Terminated", "message": str(cause)}}
@@ -344,19 +361,21 @@ def _ended(cause: BaseException | None) -> dict[str, Any]:
 async def _unscoped(awaitable: Any) -> Any:
     """Await Temporal's own machinery outside the workflow's scopes: tasks it creates are not
     the workflow's and must not take operation keys."""
-    token = current_scope.set(None)
+    scope = current_scope.get()
+    current_scope.set(None)
     try:
         return await awaitable
-    finally:
-        current_scope.reset(token)
+    finally:  # (set, not reset: a run evicted from Temporal's cache unwinds in another context)
+        current_scope.set(scope)
 
 
 def _unscoped_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    token = current_scope.set(None)
+    scope = current_scope.get()
+    current_scope.set(None)
     try:
         return fn(*args, **kwargs)
     finally:
-        current_scope.reset(token)
+        current_scope.set(scope)
 
 
 @workflow.defn(name=WORKFLOW, sandboxed=False)
@@ -374,6 +393,10 @@ class CorralRun:
             self.early.append((name, value))
         else:
             self.run.inbox.setdefault(name, deque()).append(value)
+
+    @workflow.query(name="corral.journal")
+    def journal(self) -> list[tuple[str, str, str, str, str, int, float]]:
+        return self.run.entries() if self.run is not None else []
 
     @workflow.run
     async def execute(self, args: dict[str, Any]) -> str:
@@ -440,8 +463,9 @@ def _scope_tasks(loop: asyncio.AbstractEventLoop) -> None:
 
 
 @activity.defn(name=STEP)
-async def run_step(call: dict[str, Any]) -> str:
-    """Run one attempt of a step; Temporal retries it under the step's policy."""
+async def run_step(call: dict[str, Any]) -> tuple[int, str]:
+    """Run one attempt of a step (Temporal retries it under the step's policy); return the
+    attempt's number and the result as JSON."""
     info = activity.info()
     try:
         resolve(call["workflow"], call["ref"])  # loads the module that defines the steps
@@ -458,7 +482,7 @@ async def run_step(call: dict[str, Any]) -> str:
     beat = asyncio.create_task(_heartbeat(info.heartbeat_timeout))
     try:
         value = await step.once(args, kwargs, call["key"])
-        return dumps(value).decode()
+        return info.attempt, dumps(value).decode()
     except PydanticSerializationError as exc:
         raise tex.ApplicationError(
             f"returned a value corral cannot store as JSON ({exc}); return JSON-compatible "
@@ -569,6 +593,7 @@ class TemporalRuntime:
         step_timeout: float = 600.0,
         max_runs: int = 1000,
         max_steps: int = 200,
+        shutdown_grace: float = 10.0,
     ) -> None:
         self.address = address
         self.namespace = namespace
@@ -580,6 +605,7 @@ class TemporalRuntime:
                         "heartbeat_timeout": heartbeat_timeout, "step_timeout": step_timeout}
         self.max_runs = max_runs
         self.max_steps = max_steps
+        self.shutdown_grace = shutdown_grace
         self.client: Client | None = None
         self._blobs: BlobStore | None = None
         self._worker: Worker | None = None
@@ -620,7 +646,10 @@ class TemporalRuntime:
                 activities=[run_step], workflow_runner=UnsandboxedWorkflowRunner(),
                 max_concurrent_activities=self.max_steps,
                 max_cached_workflows=self.max_runs,
-                graceful_shutdown_timeout=timedelta(seconds=5),
+                graceful_shutdown_timeout=timedelta(seconds=self.shutdown_grace),
+                # changed code that no longer matches a run's history fails the run, with the
+                # two calls named, instead of retrying its task forever
+                workflow_failure_exception_types=[workflow.NondeterminismError],
             )
             self._worker_task = asyncio.create_task(self._worker.run(),
                                                     context=contextvars.Context())
@@ -739,22 +768,59 @@ class TemporalRuntime:
             desc = await self._workflow(run_id).describe()
         except RPCError as exc:
             raise self._not_found(run_id, exc) from None
-        memo = await desc.memo()
+        record = self._record(desc, await desc.memo())
+        if record.finished:
+            record.status, record.result, failure = await self._outcome(run_id)
+            record.error = json.dumps(failure) if failure else None
+        return record
+
+    async def list_runs(self, *, status: str | None = None, workflow: str | None = None,
+                        limit: int = 50) -> list[RunRecord]:
+        """Runs of this runtime's task queue, newest first (Temporal's visibility store)."""
+        query = f"WorkflowType = '{WORKFLOW}' AND TaskQueue = '{self.task_queue}'"
+        found: list[RunRecord] = []
+        async for execution in self._client().list_workflows(query):
+            record = self._record(execution, await execution.memo())
+            if (status is None or record.status == status) and (
+                    workflow is None or record.workflow == workflow):
+                found.append(record)
+                if len(found) >= limit:
+                    break
+        outcomes = await asyncio.gather(*(self._outcome(r.id) for r in found if r.finished))
+        for record, (_, result, failure) in zip(
+                [r for r in found if r.finished], outcomes, strict=True):
+            record.result, record.error = result, json.dumps(failure) if failure else None
+        return found
+
+    def _record(self, desc: Any, memo: Mapping[str, Any]) -> RunRecord:
         status = _STATUS.get(desc.status, "running") if desc.status else "running"
-        result = error = None
-        if status in ("completed", "failed", "cancelled"):
-            status, result, failure = await self._outcome(run_id)
-            error = json.dumps(failure) if failure else None
+        if status == "running" and desc.history_length <= 2:  # no worker has taken it yet
+            status = "queued"
         return RunRecord(
-            id=run_id, workflow=memo.get("workflow", "?"), ref=memo.get("ref", "?"),
+            id=desc.id, workflow=memo.get("workflow", "?"), ref=memo.get("ref", "?"),
             input="", input_hash=memo.get("input_hash", ""), status=status,
             queue=desc.task_queue, priority=0, run_at=None, concurrency_key=None,
             concurrency_limit=None, parent_id=desc.parent_id, owner=None,
-            cancel_requested=False, result=result, error=error,
-            created_at=desc.start_time.timestamp(),
-            started_at=desc.start_time.timestamp(),
+            cancel_requested=status == "cancelled", result=None, error=None,
+            created_at=desc.start_time.timestamp(), started_at=desc.start_time.timestamp(),
             ended_at=desc.close_time.timestamp() if desc.close_time else None, attempts=1,
         )
+
+    async def journal(self, run_id: str) -> list[JournalEntry]:
+        """What the run has done so far (asked of the run itself, through a worker)."""
+        try:
+            rows = await self._workflow(run_id).query("corral.journal")
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.FAILED_PRECONDITION:
+                raise StoreError(
+                    f"no worker serves task queue {self.task_queue!r}, and on Temporal a run's "
+                    "journal is read through one; start `corral worker`", run_id=run_id,
+                ) from None
+            raise self._not_found(run_id, exc) from None
+        return [JournalEntry(key=k, kind=kind, name=name, status=status, value=value,
+                             started_at=at, ended_at=None if status == "pending" else at,
+                             attempts=attempts)
+                for k, kind, name, status, value, attempts, at in rows]
 
     async def signal(self, run_id: str, name: str, value: Any = None) -> None:
         if name.startswith("$"):
@@ -762,11 +828,24 @@ class TemporalRuntime:
         try:
             await self._workflow(run_id).signal(name, to_jsonable_python(value))
         except RPCError as exc:
-            raise self._not_found(run_id, exc) from None
+            raise await self._closed(run_id, exc, "signals") from None
 
     async def cancel(self, run_id: str) -> None:
+        record = await self.get(run_id)
+        if record.finished:
+            raise RunFinished(f"run {run_id!r} has finished ({record.status}); it takes no "
+                              "more cancel requests", run_id=run_id, status=record.status)
         try:
             await self._workflow(run_id).cancel()
         except RPCError as exc:
-            raise self._not_found(run_id, exc) from None
+            raise await self._closed(run_id, exc, "cancel requests") from None
+
+    async def _closed(self, run_id: str, exc: RPCError, what: str) -> Exception:
+        """Temporal says NOT_FOUND for a run that has finished too: tell the two apart."""
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            with contextlib.suppress(RunNotFound):
+                record = await self.get(run_id)
+                return RunFinished(f"run {run_id!r} has finished ({record.status}); it takes "
+                                   f"no more {what}", run_id=run_id, status=record.status)
+        return self._not_found(run_id, exc)
 
