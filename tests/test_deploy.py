@@ -19,8 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import shutil
-import subprocess
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
@@ -506,16 +504,6 @@ def test_the_kustomization_lists_every_manifest_and_only_those() -> None:
     on_disk = {p.name for p in MANIFESTS.glob("*.yaml")} - {"kustomization.yaml"}
     assert sorted(k["resources"]) == sorted(on_disk)
     assert len(set(k["resources"])) == len(k["resources"])
-
-
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
-def test_kustomize_builds_the_same_objects(manifests: list[Doc]) -> None:
-    built = subprocess.run(
-        ["kubectl", "kustomize", str(MANIFESTS)],
-        capture_output=True, text=True, timeout=60, check=True,
-    ).stdout
-    objects = [d for d in yaml.safe_load_all(built) if d is not None]
-    assert sorted(map(ident, objects)) == sorted(map(ident, manifests))
 
 
 def test_every_document_is_an_object_of_a_known_kind(manifests: list[Doc]) -> None:

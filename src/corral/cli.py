@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,8 +23,10 @@ from ._errors import (
     RunNotFound,
     UsageError,
 )
+from .config import Config, connect, load_config
 from .runtime import DEFAULT_DB, Runtime, load_workflow
 from .stores import JournalEntry, RunRecord, SQLiteStore
+from .stores._migrations import MIGRATIONS, _redact, check_redis, is_postgres, upgrade
 
 
 def _db(args: argparse.Namespace) -> str:
@@ -52,18 +55,37 @@ def _when(text: str) -> float:
     return moment.timestamp()
 
 
+def _config(args: argparse.Namespace) -> Config:
+    config = load_config(getattr(args, "config", None))
+    if getattr(args, "engine", None):
+        config = replace(config, engine=args.engine)
+    return config
+
+
+def _runtime(args: argparse.Namespace, config: Config, worker: bool,
+             queues: tuple[str, ...]) -> Any:
+    """The embedded runtime on --db, or the Temporal one the configuration names."""
+    if config.temporal:
+        options: dict[str, Any] = {"task_queue": queues[0]} if queues != ("default",) else {}
+        if worker:
+            options["max_runs"] = getattr(args, "max_runs", 1000)
+        return connect(config, worker=worker, **options)
+    return Runtime(_db(args), queues=queues, worker=worker,
+                   max_runs=getattr(args, "max_runs", 1000), lock_timeout=args.lock_timeout)
+
+
 async def _run(args: argparse.Namespace) -> int:
     wf = load_workflow(args.workflow)
     value = wf.parse_input(args.input)
     if (args.concurrency_key is None) != (args.concurrency_limit is None):
         raise UsageError("--concurrency-key and --concurrency-limit go together; pass both")
-    async with Runtime(_db(args), queues=(args.queue,), worker=not args.no_wait,
-                       lock_timeout=args.lock_timeout) as rt:
+    config = _config(args)
+    async with _runtime(args, config, not args.no_wait, (args.queue,)) as rt:
         handle = await rt.start(
             wf,
             value,
             id=args.id,
-            queue=args.queue,
+            queue=None if config.temporal and args.queue == "default" else args.queue,
             priority=args.priority,
             run_at=_when(args.run_at) if args.run_at else None,
             delay=args.delay,
@@ -85,14 +107,72 @@ async def _run(args: argparse.Namespace) -> int:
 
 async def _worker(args: argparse.Namespace) -> int:
     queues = tuple(args.queue or ["default"])
-    async with Runtime(_db(args), queues=queues, max_runs=args.max_runs,
-                       lock_timeout=args.lock_timeout) as rt:
-        if args.drain:
-            await rt.drain()
-        else:
-            print(f"corral worker {rt.id} on {_db(args)}, queues {', '.join(queues)}",
-                  file=sys.stderr)
-            await asyncio.Event().wait()
+    config = _config(args)
+    if config.temporal and (args.drain or len(queues) > 1):
+        raise UsageError("on Temporal a worker serves one task queue (--queue) until stopped; "
+                         "--drain and several --queue are for the embedded engine")
+    async with _runtime(args, config, True, queues) as rt:
+        health = await _serve_health(args.health_port, rt) if args.health_port else None
+        try:
+            if args.drain:
+                await rt.drain()
+            elif config.temporal:
+                print(f"corral worker on Temporal {rt.address}, task queue {rt.task_queue}",
+                      file=sys.stderr)
+                await rt.wait_closed()
+            else:
+                print(f"corral worker {rt.id} on {_db(args)}, queues {', '.join(queues)}",
+                      file=sys.stderr)
+                await asyncio.Event().wait()
+        finally:
+            if health is not None:
+                health.close()
+    return 0
+
+
+async def _serve_health(port: int, rt: Any) -> asyncio.Server:
+    """GET /health on 0.0.0.0:port: 200 while the worker works (probes of Kubernetes)."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)).strip():
+                pass
+            healthy = rt.healthy
+            path = request.split(b" ")[1] if request.count(b" ") >= 2 else b""
+            status, body = ((b"200 OK", b"ok\n") if healthy else
+                            (b"503 Service Unavailable", b"the worker has stopped\n"))
+            if path != b"/health":
+                status, body = b"404 Not Found", b"not found; the probe is GET /health\n"
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain\r\n"
+                         b"Content-Length: " + str(len(body)).encode() +
+                         b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    try:
+        return await asyncio.start_server(answer, "0.0.0.0", port)
+    except OSError as exc:
+        raise UsageError(f"cannot serve /health on port {port} ({exc.strerror}); choose "
+                         "another --health-port") from None
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    config = _config(args)
+    url = config.shared_db
+    if not is_postgres(url):
+        os.makedirs(os.path.dirname(os.path.abspath(url)), exist_ok=True)
+    applied = upgrade(url)
+    where = _redact(url)
+    for m in applied:
+        print(f"applied {m.version:04d} {m.name}")
+    print(f"database {where} is up to date (schema version {MIGRATIONS[-1].version})")
+    if config.redis:
+        check_redis(config.redis)
+        print(f"redis {_redact(config.redis)} answers")
     return 0
 
 
@@ -151,7 +231,63 @@ def _short(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _print_runs(runs: list[RunRecord], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([_run_dict(r) for r in runs], indent=2))
+        return
+    print(f"{'RUN':34} {'WORKFLOW':20} {'STATUS':10} {'CREATED':19} {'TOOK':>9}")
+    for r in runs:
+        print(f"{r.id:34} {r.workflow[:20]:20} {r.status:10} {_time(r.created_at):19}"
+              f" {_span(r.started_at, r.ended_at):>9}")
+
+
+def _print_run(run: RunRecord, entries: list[JournalEntry], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({**_run_dict(run), "steps": [_entry_dict(e) for e in entries]},
+                         indent=2))
+        return
+    print(f"run       {run.id}")
+    print(f"workflow  {run.workflow}")
+    extra = " (cancel requested)" if run.cancel_requested and not run.finished else ""
+    print(f"status    {run.status}{extra}")
+    print(f"queue     {run.queue}  priority {run.priority}  attempts {run.attempts}")
+    if run.parent_id:
+        print(f"parent    {run.parent_id}")
+    print(f"created   {_time(run.created_at)}  started {_time(run.started_at)}"
+          f"  ended {_time(run.ended_at)}  took {_span(run.started_at, run.ended_at)}")
+    if run.result is not None:
+        print(f"result    {_short(json.loads(run.result), 200)}")
+    if run.error is not None:
+        error = json.loads(run.error)
+        print(f"error     {error.get('type')}: {error.get('message')}")
+    header = f"{'KEY':8} {'KIND':6} {'NAME':20} {'STATUS':8} {'TOOK':>9} {'TRIES':>5}"
+    print(f"\n{header}  VALUE")
+    for e in entries:
+        value = "" if e.value is None else _short(json.loads(e.value))
+        print(f"{e.key:8} {e.kind:6} {e.name[:20]:20} {e.status:8}"
+              f" {_span(e.started_at, e.ended_at):>9} {e.attempts:>5}  {value}")
+
+
+async def _runs_temporal(args: argparse.Namespace, config: Config) -> int:
+    async with connect(config, worker=False) as rt:
+        if args.runs_command == "ls":
+            _print_runs(await rt.list_runs(status=args.status, workflow=args.workflow,
+                                           limit=args.limit), args.json)
+        elif args.runs_command == "show":
+            _print_run(await rt.get(args.run_id), await rt.journal(args.run_id), args.json)
+        elif args.runs_command == "cancel":
+            await rt.cancel(args.run_id)
+            print(f"cancel requested for run {args.run_id}")
+        else:
+            await rt.signal(args.run_id, args.name, _json_arg(args.value, "the signal value"))
+            print(f"signal {args.name!r} sent to run {args.run_id}")
+    return 0
+
+
 def _runs(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if config.temporal:
+        return _until_terminated(_runs_temporal(args, config))
     path = _db(args)
     if not os.path.exists(path):  # reading or steering runs never creates a database
         raise UsageError(f"no database at {path}; start a run first, or pass --db (or set "
@@ -159,42 +295,11 @@ def _runs(args: argparse.Namespace) -> int:
     store = SQLiteStore(path, timeout=args.lock_timeout)
     try:
         if args.runs_command == "ls":
-            runs = store.list_runs(status=args.status, workflow=args.workflow, limit=args.limit)
-            if args.json:
-                print(json.dumps([_run_dict(r) for r in runs], indent=2))
-                return 0
-            print(f"{'RUN':34} {'WORKFLOW':20} {'STATUS':10} {'CREATED':19} {'TOOK':>9}")
-            for r in runs:
-                print(f"{r.id:34} {r.workflow[:20]:20} {r.status:10} {_time(r.created_at):19}"
-                      f" {_span(r.started_at, r.ended_at):>9}")
+            _print_runs(store.list_runs(status=args.status, workflow=args.workflow,
+                                        limit=args.limit), args.json)
             return 0
         if args.runs_command == "show":
-            run = store.get_run(args.run_id)
-            entries = store.journal(args.run_id)
-            if args.json:
-                print(json.dumps({**_run_dict(run), "steps": [_entry_dict(e) for e in entries]},
-                                 indent=2))
-                return 0
-            print(f"run       {run.id}")
-            print(f"workflow  {run.workflow}")
-            extra = " (cancel requested)" if run.cancel_requested and not run.finished else ""
-            print(f"status    {run.status}{extra}")
-            print(f"queue     {run.queue}  priority {run.priority}  attempts {run.attempts}")
-            if run.parent_id:
-                print(f"parent    {run.parent_id}")
-            print(f"created   {_time(run.created_at)}  started {_time(run.started_at)}"
-                  f"  ended {_time(run.ended_at)}  took {_span(run.started_at, run.ended_at)}")
-            if run.result is not None:
-                print(f"result    {_short(json.loads(run.result), 200)}")
-            if run.error is not None:
-                error = json.loads(run.error)
-                print(f"error     {error.get('type')}: {error.get('message')}")
-            header = f"{'KEY':8} {'KIND':6} {'NAME':20} {'STATUS':8} {'TOOK':>9} {'TRIES':>5}"
-            print(f"\n{header}  VALUE")
-            for e in entries:
-                value = "" if e.value is None else _short(json.loads(e.value))
-                print(f"{e.key:8} {e.kind:6} {e.name[:20]:20} {e.status:8}"
-                      f" {_span(e.started_at, e.ended_at):>9} {e.attempts:>5}  {value}")
+            _print_run(store.get_run(args.run_id), store.journal(args.run_id), args.json)
             return 0
         if args.runs_command == "cancel":
             import time
@@ -264,6 +369,13 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--drain", action="store_true", help="exit when nothing is runnable")
     worker.add_argument("--queue", action="append", help="queue to serve (repeatable)")
     worker.add_argument("--max-runs", type=int, default=1000, help="runs in memory at once")
+    worker.add_argument("--health-port", type=int, metavar="PORT",
+                        help="serve GET /health on this port (for Kubernetes probes)")
+
+    db = commands.add_parser("db", help="the shared database's schema")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_upgrade = db_commands.add_parser(
+        "upgrade", help="apply schema migrations to the configured database (safe to repeat)")
 
     runs = commands.add_parser("runs", help="list, show, cancel and signal runs")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True)
@@ -282,7 +394,13 @@ def parser() -> argparse.ArgumentParser:
     send.add_argument("run_id")
     send.add_argument("name")
     send.add_argument("value", help="the signal's value as JSON")
-    for sub in (run, worker, ls, show, cancel, send):
+    engine_help = ("temporal://host:port[?namespace=&task_queue=] to run on Temporal "
+                   "(default: $CORRAL_ENGINE or the config file; else embedded)")
+    for sub in (run, worker, ls, show, cancel, send, db_upgrade):
+        sub.add_argument("--config", metavar="FILE",
+                         help="corral.toml (default: $CORRAL_CONFIG or ./corral.toml)")
+        if sub is not db_upgrade:
+            sub.add_argument("--engine", metavar="URL", help=engine_help)
         if sub not in (run, worker):
             sub.add_argument("--db", help=db_help)
         sub.add_argument("--lock-timeout", type=float, default=5.0, metavar="SECONDS",
@@ -298,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _until_terminated(_run(args))
         if args.command == "worker":
             return _until_terminated(_worker(args))
+        if args.command == "db":
+            return _db_upgrade(args)
         return _runs(args)
     except BrokenPipeError:  # e.g. `corral runs show ID | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

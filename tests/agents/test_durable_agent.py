@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import corral
 from corral.agents import ModelRequest, ModelResponse, ToolCall, Usage
-from corral.stores import SQLiteStore
 
 calls: Counter[str] = Counter()
 park: set[str] = set()  # what blocks forever now (the crash happens while it is in flight)
@@ -54,25 +52,25 @@ async def agent_job(ctx: corral.Context, prompt: str) -> dict[str, Any]:
     return {"output": result.output, "tokens": result.usage.total_tokens}
 
 
-async def _crash_while(what: str, db: Path) -> str:
+async def _crash_while(what: str, runtime: Any) -> list[str]:
+    """Crash while ``what`` is in flight, finish the run; return its journal's names."""
     calls.clear()
     park.clear()
     park.add(what)
-    options: dict[str, Any] = {"poll_interval": 0.01, "durability": "process"}
-    async with corral.Runtime(db, **options) as rt:
+    async with runtime() as rt:
         handle = await rt.start(agent_job, "go")
         started = "fetch started" if what == "fetch" else what
         while calls[started] == 0:  # wait until the call is in flight
             await asyncio.sleep(0.005)
     park.clear()  # the "crash": the runtime is gone with the call in flight
-    async with corral.Runtime(db, **options) as rt:
+    async with runtime() as rt:
         result = await rt.handle(handle.id).result(timeout=10)
         assert result == {"output": "all done", "tokens": 17}
-        return handle.id
+        return [entry.name for entry in await rt.journal(handle.id)]
 
 
-async def test_a_crash_during_a_tool_call_repeats_no_model_call(tmp_path: Path) -> None:
-    await _crash_while("fetch", tmp_path / "a.db")
+async def test_a_crash_during_a_tool_call_repeats_no_model_call(runtime: Any) -> None:
+    await _crash_while("fetch", runtime)
     # the first model call completed before the crash: it is not made again
     assert calls["model 0"] == 1
     # the tool was in flight: executed again (at-least-once), and completed once
@@ -80,14 +78,11 @@ async def test_a_crash_during_a_tool_call_repeats_no_model_call(tmp_path: Path) 
     assert calls["model 1"] == 1
 
 
-async def test_a_crash_during_the_second_model_call_repeats_no_tool_call(tmp_path: Path) -> None:
-    run_id = await _crash_while("model 1", tmp_path / "b.db")
+async def test_a_crash_during_the_second_model_call_repeats_no_tool_call(runtime: Any) -> None:
+    names = await _crash_while("model 1", runtime)
     assert calls["model 0"] == 1
     assert (calls["fetch started"], calls["fetch done"]) == (1, 1)
     assert calls["model 1"] == 2  # in flight at the crash, so asked again
-    store = SQLiteStore(tmp_path / "b.db")
-    names = [entry.name for entry in store.journal(run_id)]
-    store.close()
     assert names.count("worker:model") == 2 and names.count("tool:fetch") == 1
 
 
@@ -104,9 +99,8 @@ async def two_agents_on_a_budget(ctx: corral.Context, max_tokens: int) -> int:
     return total
 
 
-async def test_a_run_limit_counts_every_agent_of_the_run_together(tmp_path: Path) -> None:
-    async with corral.Runtime(tmp_path / "c.db", poll_interval=0.01,
-                              durability="process") as rt:
+async def test_a_run_limit_counts_every_agent_of_the_run_together(runtime: Any) -> None:
+    async with runtime() as rt:
         assert await rt.run(two_agents_on_a_budget, 40) == 30
         handle = await rt.start(two_agents_on_a_budget, 20)
         try:
@@ -138,18 +132,17 @@ async def stuck_agent(ctx: corral.Context) -> str:
     return (await agent.run("is it done?")).output
 
 
-async def test_a_loop_can_escalate_to_a_human_who_lets_it_carry_on(tmp_path: Path) -> None:
-    async with corral.Runtime(tmp_path / "d.db", poll_interval=0.01,
-                              durability="process") as rt:
+async def test_a_loop_can_escalate_to_a_human_who_lets_it_carry_on(runtime: Any) -> None:
+    async with runtime() as rt:
         handle = await rt.start(stuck_agent)
         while not any(e.name == "escalation:poller" and e.status == "pending"
-                      for e in rt.store.journal(handle.id)):
+                      for e in await rt.journal(handle.id)):
             await asyncio.sleep(0.01)
         await rt.signal(handle.id, "escalation:poller", {"continue": True})
         assert await handle.result(timeout=5) == "gave up polling"
 
         stopped = await rt.start(stuck_agent)
-        while not any(e.name == "escalation:poller" for e in rt.store.journal(stopped.id)):
+        while not any(e.name == "escalation:poller" for e in await rt.journal(stopped.id)):
             await asyncio.sleep(0.01)
         await rt.signal(stopped.id, "escalation:poller", {"continue": False})
         try:

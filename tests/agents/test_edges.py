@@ -4,7 +4,6 @@ graph merges, retries of provider errors, repeated answers, simulator bounds."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,10 +25,9 @@ async def over_budget_through_a_specialist(ctx: corral.Context) -> str:
 
 
 async def test_a_run_budget_crossed_inside_a_specialist_stops_the_whole_run(
-    tmp_path: Path,
+    runtime: Any,
 ) -> None:
-    async with corral.Runtime(tmp_path / "e.db", poll_interval=0.01,
-                              durability="process") as rt:
+    async with runtime() as rt:
         with pytest.raises(corral.RunFailed, match="the run's agents used 30 tokens"):
             await rt.run(over_budget_through_a_specialist)
 

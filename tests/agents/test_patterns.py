@@ -95,6 +95,7 @@ async def needs_approval(ctx: corral.Context) -> str:
     return (await graph.run(Counts())).visits[0]
 
 
+@pytest.mark.embedded_only  # out of memory: the embedded engine's eviction
 async def test_an_interrupt_waits_out_of_memory_and_resumes_on_the_signal(
     tmp_path: Path,
 ) -> None:

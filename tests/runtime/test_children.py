@@ -210,7 +210,7 @@ async def test_children_started_in_parallel_each_return(rt: corral.Runtime) -> N
     handle = await rt.start(gathers_children)
 
     assert await handle.result(timeout=5) == [0, 10, 20]
-    assert len((await children_of(rt, handle.id))) == 3
+    assert len(await children_of(rt, handle.id)) == 3
 
 
 @corral.workflow

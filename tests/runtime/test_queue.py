@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 import corral
-pytestmark = pytest.mark.embedded_only  # the embedded engine's queue: priorities, concurrency keys, claims
+
+# the embedded engine's queue: priorities, concurrency keys, claims
+pytestmark = pytest.mark.embedded_only
 
 executed: list[str] = []
 calls: Counter[str] = Counter()

@@ -194,7 +194,7 @@ async def bills(ctx: corral.Context) -> str:
 
 
 async def test_changed_workflow_code_fails_the_run_with_non_determinism_error(
-    runtime: Any, wait_until: Any
+    runtime: Any, wait_until: Any, engine: str
 ) -> None:
     holding.add("increment 1")
     async with runtime() as rt:
@@ -211,7 +211,10 @@ async def test_changed_workflow_code_fails_the_run_with_non_determinism_error(
     assert info.value.error_type == "NonDeterminismError"
     assert "send_invoice" in info.value.error and "charge_card" in info.value.error
     assert record.status == "failed"
-    assert calls == Counter(send_invoice=1, **{"increment 1": 1})  # nothing ran on replay
+    # nothing ran on replay (Temporal retries a step that was in flight at the crash on its
+    # own, whatever the workflow code has become: that is an activity retry, not a replay)
+    in_flight = 1 if engine == "embedded" else 2
+    assert calls == Counter(send_invoice=1, **{"increment 1": in_flight})
 
 
 @corral.workflow
@@ -224,7 +227,7 @@ async def hides_non_determinism(ctx: corral.Context) -> str:
 
 
 async def test_non_determinism_error_cannot_be_swallowed_by_the_workflow(
-    runtime: Any, wait_until: Any
+    runtime: Any, wait_until: Any, engine: str
 ) -> None:
     holding.add("increment 2")
     async with runtime() as rt:
@@ -238,7 +241,7 @@ async def test_non_determinism_error_cannot_be_swallowed_by_the_workflow(
             await rt.handle(handle.id).result(timeout=5)
 
     assert info.value.error_type == "NonDeterminismError"
-    assert calls["increment 2"] == 1
+    assert calls["increment 2"] == (1 if engine == "embedded" else 2)  # (see above)
 
 
 class Answer(BaseModel):

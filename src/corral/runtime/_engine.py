@@ -680,6 +680,11 @@ class Runtime:
             if self._owns_store:
                 self.store.close()
 
+    @property
+    def healthy(self) -> bool:
+        """The worker loop is alive (or this runtime has none)."""
+        return self._loop_task is None or not self._loop_task.done()
+
     def _lock_dir(self) -> Path | None:
         if not self._path or self._path == ":memory:":
             return None

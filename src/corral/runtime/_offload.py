@@ -23,6 +23,7 @@ from .._errors import StoreError
 from ..stores.blobs import BlobStore
 
 ENCODING = b"binary/corral-blobs"
+_ORIGINAL = "corral-encoding"  # the payload's own encoding, while it is offloaded
 _HASH = 16
 _BOUNDARY = re.compile(rb"[}\]],[{\[]")
 _MIN_CHUNK = 512
@@ -68,17 +69,19 @@ class OffloadCodec(PayloadCodec):
         out: list[Payload] = []
         new: dict[bytes, bytes] = {}
         for payload in payloads:
-            raw = payload.SerializeToString()
-            if len(raw) < self.threshold:
+            if len(payload.data) < self.threshold:
                 out.append(payload)
                 continue
             refs = []
-            for chunk in chunks(raw):
+            for chunk in chunks(payload.data):
                 key = blake2b(chunk, digest_size=_HASH).digest()
                 refs.append(key)
                 if key not in self._stored:
                     new[key] = chunk
-            out.append(Payload(metadata={"encoding": ENCODING}, data=b"".join(refs)))
+            metadata = dict(payload.metadata)
+            metadata[_ORIGINAL] = metadata.get("encoding", b"")
+            metadata["encoding"] = ENCODING
+            out.append(Payload(metadata=metadata, data=b"".join(refs)))
         if new:
             await asyncio.to_thread(self.blobs.put, new)
             for key, chunk in new.items():
@@ -109,7 +112,9 @@ class OffloadCodec(PayloadCodec):
                 continue
             keys = (payload.data[i:i + _HASH] for i in range(0, len(payload.data), _HASH))
             parts = [self._cache[k] if k in self._cache else found[k] for k in keys]
-            out.append(Payload.FromString(b"".join(parts)))
+            metadata = dict(payload.metadata)
+            metadata["encoding"] = metadata.pop(_ORIGINAL)
+            out.append(Payload(metadata=metadata, data=b"".join(parts)))
         for key, chunk in found.items():
             self._remember(key, chunk)
         return out

@@ -191,7 +191,9 @@ class _TemporalRun:
                     maximum_interval=timedelta(
                         seconds=max(policy.max_interval, policy.initial_interval, 0.001)
                     ),
-                    maximum_attempts=policy.max_attempts,
+                    # unlimited here: a worker lost mid-step is Temporal's to retry, never the
+                    # step's failure; the activity stops at max_attempts of its own failures
+                    maximum_attempts=0,
                 ),
                 # the key and the name: replaying changed code that calls another step here
                 # is a non-determinism error, as on the embedded engine
@@ -479,6 +481,7 @@ async def run_step(call: dict[str, Any]) -> tuple[int, str]:
     except Exception as exc:
         raise tex.ApplicationError(str(exc), info.attempt, type=type(exc).__name__,
                                    non_retryable=True) from None
+    last = info.attempt >= step.retry.max_attempts
     beat = asyncio.create_task(_heartbeat(info.heartbeat_timeout))
     try:
         value = await step.once(args, kwargs, call["key"])
@@ -493,7 +496,7 @@ async def run_step(call: dict[str, Any]) -> tuple[int, str]:
         failure = step_failed(step.name, exc, info.attempt, step.timeout)
         raise tex.ApplicationError(
             failure.fields["error"], info.attempt, type=failure.fields["error_type"],
-            non_retryable=not step.retry.retryable(exc),
+            non_retryable=last or not step.retry.retryable(exc),
         ) from None
     finally:
         beat.cancel()
@@ -668,6 +671,11 @@ class TemporalRuntime:
                 self._blobs.close()
                 self._blobs = None
 
+    @property
+    def healthy(self) -> bool:
+        """The worker is polling (or this runtime has none to run)."""
+        return self._worker_task is None or not self._worker_task.done()
+
     async def wait_closed(self) -> None:
         """Serve until the worker stops (it stops on close(), or when it fails)."""
         if self._worker_task is not None:
@@ -798,7 +806,7 @@ class TemporalRuntime:
             status = "queued"
         return RunRecord(
             id=desc.id, workflow=memo.get("workflow", "?"), ref=memo.get("ref", "?"),
-            input="", input_hash=memo.get("input_hash", ""), status=status,
+            input="null", input_hash=memo.get("input_hash", ""), status=status,
             queue=desc.task_queue, priority=0, run_at=None, concurrency_key=None,
             concurrency_limit=None, parent_id=desc.parent_id, owner=None,
             cancel_requested=status == "cancelled", result=None, error=None,

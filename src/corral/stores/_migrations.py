@@ -151,3 +151,21 @@ def require(conn: Any, url: str, version: int) -> None:
             f"{version}; run `corral db upgrade` (it applies the migrations, once, safely "
             "with several workers up)", url=_redact(url), version=current,
         )
+
+
+def check_redis(url: str) -> None:
+    """Fail with what to do when Redis at ``url`` does not answer."""
+    try:
+        import redis
+    except ImportError:
+        raise UsageError("Redis needs the cluster extra; pip install 'corral[cluster]'") from None
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise StoreError(
+            f"Redis at {_redact(url)} does not answer ({exc}); check the URL (redis in "
+            "corral.toml or $CORRAL_REDIS_URL) and that the server is up", url=_redact(url),
+        ) from None
+    finally:
+        client.close()

@@ -23,9 +23,13 @@ class BlobStore:
         self._postgres = is_postgres(url)
         self._conn = connect(url)
         self._lock = threading.Lock()
-        if self._postgres:
-            self._conn.autocommit = True
-        require(self._conn, url, BLOBS_VERSION)
+        try:
+            if self._postgres:
+                self._conn.autocommit = True
+            require(self._conn, url, BLOBS_VERSION)
+        except BaseException:
+            self._conn.close()
+            raise
 
     def put(self, blobs: dict[bytes, bytes]) -> None:
         """Store blobs by their hash; one already there is left as it is."""
