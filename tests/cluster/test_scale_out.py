@@ -1,0 +1,253 @@
+"""A cluster on one machine: the Temporal dev server, PostgreSQL, Redis, worker processes.
+
+The services are the real ones on 127.0.0.1; a missing one fails the test with what to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.api.common.v1 import Payload
+
+import corral
+from corral.config import Config, connect, load_config
+from corral.runtime._offload import OffloadCodec, chunks
+from corral.runtime._temporal import TemporalRuntime
+from corral.stores._migrations import MIGRATIONS, upgrade
+from corral.stores.blobs import BlobStore
+from corral.testing import TemporalDevServer
+
+HERE = Path(__file__).parent
+PG = os.environ.get("CORRAL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+
+sys.path.insert(0, str(HERE))
+import workflows  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> Iterator[Any]:
+    import psycopg
+
+    try:
+        conn = psycopg.connect(f"{PG}/postgres", autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {PG} ({exc}); start it (see the machine "
+                    "page) or point $CORRAL_TEST_POSTGRES at one")
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def pg_url(pg_admin: Any) -> Iterator[str]:
+    """A fresh database for the test, dropped after."""
+    name = f"corral_test_{uuid.uuid4().hex[:10]}"
+    pg_admin.execute(f"CREATE DATABASE {name}")
+    yield f"{PG}/{name}"
+    pg_admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+# -- configuration and migrations ---------------------------------------------------------
+
+
+def test_one_config_file_points_every_store_and_the_environment_overrides_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "corral.toml"
+    path.write_text('engine = "temporal://temporal:7233?task_queue=agents"\n'
+                    'database = "postgresql://corral@db/corral"\n'
+                    'redis = "redis://redis:6379/0"\n'
+                    '[gateway]\nport = 8000\n')
+    config = load_config(str(path), env={})
+    assert (config.engine, config.database, config.redis) == (
+        "temporal://temporal:7233?task_queue=agents", "postgresql://corral@db/corral",
+        "redis://redis:6379/0")
+    assert config.temporal and config.sections == {"gateway": {"port": 8000}}
+    env = {"CORRAL_DATABASE_URL": "postgresql://other@db/x"}
+    assert load_config(str(path), env=env).database == "postgresql://other@db/x"
+    runtime = connect(load_config(str(path), env={}), worker=False)
+    assert isinstance(runtime, TemporalRuntime)
+    assert (runtime.address, runtime.task_queue) == ("temporal:7233", "agents")
+    assert isinstance(connect(Config(), worker=False), corral.Runtime)
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ('databse = "x"\n', "unknown key 'databse'"),
+    ("engine = 5\n", "engine must be a string"),
+    ("engine = \n", "not valid TOML"),
+    ('engine = "nats://x"\n', "neither temporal://host:port nor a SQLite path"),
+])
+def test_a_bad_config_file_says_what_is_wrong(tmp_path: Path, text: str, error: str) -> None:
+    path = tmp_path / "corral.toml"
+    path.write_text(text)
+    with pytest.raises(corral.UsageError, match=error):
+        load_config(str(path), env={})
+
+
+def test_db_upgrade_applies_each_migration_once_even_when_run_concurrently(
+    pg_url: str, tmp_path: Path
+) -> None:
+    command = [sys.executable, "-m", "corral", "db", "upgrade"]
+    env = {**os.environ, "CORRAL_DATABASE_URL": pg_url}
+    procs = [subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    applied = sum(out.count("applied ") for out, _ in outputs)
+    assert applied == len(MIGRATIONS)  # once in all, not once per process
+    assert upgrade(pg_url) == []  # up to date
+    BlobStore(pg_url).close()  # and the stores open on it
+
+
+def test_a_store_on_a_database_without_its_migrations_says_to_run_db_upgrade(
+    pg_url: str, tmp_path: Path
+) -> None:
+    for url in (pg_url, str(tmp_path / "shared.db")):
+        with pytest.raises(corral.StoreError, match="run `corral db upgrade`"):
+            BlobStore(url)
+
+
+def test_db_upgrade_reports_an_unreachable_database_and_redis(tmp_path: Path) -> None:
+    env = {**os.environ, "CORRAL_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    done = subprocess.run([sys.executable, "-m", "corral", "db", "upgrade"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "cannot connect to PostgreSQL" in done.stderr
+    env = {**os.environ, "CORRAL_DATABASE_URL": str(tmp_path / "s.db"),
+           "CORRAL_REDIS_URL": "redis://127.0.0.1:1/0"}
+    done = subprocess.run([sys.executable, "-m", "corral", "db", "upgrade"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Redis at redis://127.0.0.1:1/0 does not answer" in done.stderr
+    env["CORRAL_REDIS_URL"] = "redis://127.0.0.1:6379/0"
+    done = subprocess.run([sys.executable, "-m", "corral", "db", "upgrade"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "redis redis://127.0.0.1:6379/0 answers" in done.stdout
+
+
+# -- payload offload ----------------------------------------------------------------------
+
+
+async def test_a_growing_conversation_is_stored_once_by_content_hash(pg_url: str) -> None:
+    upgrade(pg_url)
+    blobs = BlobStore(pg_url)
+    codec = OffloadCodec(blobs)
+    messages: list[str] = []
+    sent = stored = 0
+    for turn in range(200):
+        messages.append(f'{{"role":"user","content":"turn {turn} ' + "x" * 200 + '"}')
+        data = ("[" + ",".join(messages) + "]").encode()
+        [encoded] = await codec.encode([Payload(metadata={"encoding": b"json/plain"},
+                                                data=data)])
+        sent += len(data)
+        stored += len(encoded.data)
+        [decoded] = await OffloadCodec(blobs).decode([encoded])  # a fresh cache: from the DB
+        assert decoded.data == data
+    conn = blobs._conn
+    total = conn.execute("SELECT sum(length(data)) FROM corral_blobs").fetchone()[0]
+    blobs.close()
+    # each message is stored about once (plus the last chunk of each turn), not once a turn
+    assert sent > 4_000_000 and total < sent / 10
+    assert stored < sent / 30  # what goes into the history: hashes
+
+
+def test_chunks_cut_where_the_content_says_and_put_back_together() -> None:
+    data = b"[" + b",".join(b'{"n":%d,"text":"%s"}' % (i, b"y" * (i % 50)) for i in
+                            range(3000)) + b"]"
+    parts = chunks(data)
+    assert b"".join(parts) == data and len(parts) > 10
+    longer = data[:-1] + b',{"n":-1}]'
+    assert chunks(longer)[:-2] == parts[:-2]  # appending changes only the end
+
+
+# -- Temporal with PostgreSQL -------------------------------------------------------------
+
+
+async def test_a_1000_turn_conversation_stays_small_in_history_and_continues_as_new(
+    temporal_server: TemporalDevServer, pg_url: str
+) -> None:
+    upgrade(pg_url)
+    queue = f"chat-{uuid.uuid4().hex[:8]}"
+    async with TemporalRuntime(temporal_server.address, task_queue=queue, blobs=pg_url,
+                               max_history_events=2500) as rt:
+        handle = await rt.start(workflows.long_chat, 1000)
+        assert await handle.result(timeout=600) == {"turns": 1000, "messages": 2000}
+        client = rt._client()
+        runs = [e async for e in client.list_workflows(f"WorkflowId = '{handle.id}'")]
+        history = 0
+        for execution in runs:
+            events = client.get_workflow_handle(handle.id, run_id=execution.run_id)
+            async for event in events.fetch_history_events():
+                history += event.ByteSize()
+    # every model call carried the whole conversation: ~600 MB sent in all, 12x Temporal's
+    # 50 MB cap on a history; the histories hold hashes instead
+    assert history < 10_000_000, history
+    assert len(runs) >= 3  # continued as new along the way, and finished where it was
+
+
+# -- a cluster: 3 workers, 1,000 agent runs, one killed -----------------------------------
+
+
+def _worker(address: str, queue: str, env: dict[str, str], log: Path
+            ) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as stderr:  # (the child keeps its own copy)
+        return subprocess.Popen(
+            [sys.executable, "-m", "corral", "worker", "--engine",
+             f"temporal://{address}?task_queue={queue}"],
+            env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+        )
+
+
+async def test_three_workers_finish_1000_agent_runs_when_one_is_killed(
+    temporal_server: TemporalDevServer, pg_url: str, tmp_path: Path
+) -> None:
+    upgrade(pg_url)
+    log = tmp_path / "steps.log"
+    queue = f"cluster-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "CORRAL_DATABASE_URL": pg_url, "CORRAL_TEST_STEP_LOG": str(log),
+           "PYTHONPATH": str(HERE)}
+    workers = [_worker(temporal_server.address, queue, env, tmp_path / f"worker-{i}.log")
+               for i in range(3)]
+    try:
+        async with TemporalRuntime(temporal_server.address, task_queue=queue, worker=False,
+                                   blobs=pg_url) as client:
+            handles = await asyncio.gather(*(client.start(workflows.agent_job, n)
+                                             for n in range(1000)))
+            while log.exists() is False or log.read_text().count("done ") < 600:
+                await asyncio.sleep(0.05)  # about a third of the way
+            victim = workers[0]
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            results = await asyncio.gather(*(h.result(timeout=300) for h in handles))
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait()
+    # the survivors stopped cleanly on SIGTERM
+    assert [w.returncode for w in workers[1:]] == [143, 143], [
+        (tmp_path / f"worker-{i}.log").read_text()[-2000:] for i in (1, 2)]
+    assert all("order" in r for r in results) and len(results) == 1000
+    lines = [line.split() for line in log.read_text().splitlines()]
+    done = Counter(key for kind, _, key in lines if kind == "done")
+    assert len(done) == 2000  # two recorded steps per run, every one done
+    # a step ran twice only if its first run was on the killed worker, in flight at the kill
+    killed = str(victim.pid)
+    on_victim = Counter(key for kind, pid, key in lines if kind == "done" and pid == killed)
+    again = {key for key, n in done.items() if n > 1}
+    assert all(done[key] == 2 and on_victim[key] == 1 for key in again), again
+    assert len(again) < 50
+    assert sum(on_victim.values()) > 0  # the killed worker had done its share
