@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -251,3 +252,54 @@ async def test_three_workers_finish_1000_agent_runs_when_one_is_killed(
     assert all(done[key] == 2 and on_victim[key] == 1 for key in again), again
     assert len(again) < 50
     assert sum(on_victim.values()) > 0  # the killed worker had done its share
+
+
+# -- the command line on Temporal ----------------------------------------------------------
+
+
+def test_the_cli_runs_workers_and_runs_on_temporal_with_a_health_probe(
+    temporal_server: TemporalDevServer, tmp_path: Path
+) -> None:
+    import httpx
+
+    from corral.testing import _free_port
+
+    port = _free_port()
+    engine = f"temporal://{temporal_server.address}?task_queue=cli-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "CORRAL_ENGINE": engine, "PYTHONPATH": str(HERE)}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "corral", "worker", "--health-port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                probe = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert worker.poll() is None and time.monotonic() < deadline, "no /health"
+                time.sleep(0.1)
+        assert (probe.status_code, probe.text) == (200, "ok\n")
+        assert httpx.get(f"http://127.0.0.1:{port}/metricz", timeout=1).status_code == 404
+
+        run = subprocess.run(
+            [sys.executable, "-m", "corral", "run", f"{HERE / 'workflows.py'}:agent_job",
+             "--input", "7", "--id", "cli-7", "--no-wait"],
+            env=env, capture_output=True, text=True, timeout=60)
+        assert (run.returncode, run.stdout.strip()) == (0, "cli-7"), run.stderr
+        show = subprocess.run([sys.executable, "-m", "corral", "runs", "show", "cli-7", "--json"],
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert show.returncode == 0, show.stderr
+        again = subprocess.run(  # the same id: the first run's result, after it finishes
+            [sys.executable, "-m", "corral", "run", f"{HERE / 'workflows.py'}:agent_job",
+             "--input", "7", "--id", "cli-7"],
+            env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "order" in again.stdout, again.stderr
+        missing = subprocess.run([sys.executable, "-m", "corral", "runs", "show", "nope"],
+                                 env=env, capture_output=True, text=True, timeout=60)
+        assert missing.returncode == 2 and "no run 'nope'" in missing.stderr
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=30)
+    assert worker.returncode == 143, err

@@ -455,7 +455,8 @@ def _scope_tasks(loop: asyncio.AbstractEventLoop) -> None:
 
     def create_task(coro: Any, *, name: str | None = None,
                     context: contextvars.Context | None = None) -> asyncio.Task[Any]:
-        return create(coro, name=name, context=context or child_context())
+        return create(coro, name=name,
+                      context=context if context is not None else child_context())
 
     loop.create_task = create_task  # type: ignore[method-assign]
     loop._corral_scoped = True  # type: ignore[attr-defined]
