@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import logging
 import os
@@ -80,7 +81,9 @@ async def _run(args: argparse.Namespace) -> int:
     if (args.concurrency_key is None) != (args.concurrency_limit is None):
         raise UsageError("--concurrency-key and --concurrency-limit go together; pass both")
     config = _config(args)
-    async with _runtime(args, config, not args.no_wait, (args.queue,)) as rt:
+    # on Temporal the cluster's workers run it: this process only submits and waits
+    async with _runtime(args, config, not args.no_wait and not config.temporal,
+                        (args.queue,)) as rt:
         handle = await rt.start(
             wf,
             value,
@@ -409,14 +412,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    code = _main(argv)
-    if "temporalio" in sys.modules and argv is None:
-        # Temporal's native core can crash the interpreter's finalization after a worker ran
-        # (temporalio/sdk-python#300): everything is closed by now, so leave without it.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    code = 1
+    try:
+        code = _main(argv)
+    finally:
+        if "temporalio" in sys.modules and argv is None:
+            # Temporal's native core can crash the interpreter's finalization after a worker
+            # ran (temporalio/sdk-python#300): everything is closed by now, so leave without
+            # finalizing, after what would have run at exit.
+            atexit._run_exitfuncs()
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
     return code
 
 

@@ -303,3 +303,43 @@ def test_the_cli_runs_workers_and_runs_on_temporal_with_a_health_probe(
         worker.send_signal(signal.SIGTERM)
         _, err = worker.communicate(timeout=30)
     assert worker.returncode == 143, err
+
+
+async def test_concurrent_decodes_with_a_small_cache_each_get_their_chunks(pg_url: str) -> None:
+    upgrade(pg_url)
+    blobs = BlobStore(pg_url)
+    writer = OffloadCodec(blobs)
+    payloads = []
+    for n in range(20):
+        data = ("[" + ",".join(f'{{"n":{n},"i":{i},"pad":"{"z" * 300}"}}'
+                               for i in range(100)) + "]").encode()
+        payloads.append((data, (await writer.encode([Payload(data=data)]))[0]))
+    reader = OffloadCodec(blobs, cache_bytes=48 * 1024)
+    first, ref = payloads[0]
+    await reader.decode([ref])  # its chunks are cached now...
+    # ...and each of these finds them there, then waits on the database for its own, while
+    # the others' chunks arrive and push the first's out of the small cache
+    decoded = await asyncio.gather(*(reader.decode([ref, other]) for _, other in payloads[1:]))
+    blobs.close()
+    assert [[p.data for p in d] for d in decoded] == [[first, data] for data, _ in payloads[1:]]
+
+
+def test_the_blob_store_reconnects_after_the_database_drops_it(
+    pg_url: str, pg_admin: Any
+) -> None:
+    upgrade(pg_url)
+    blobs = BlobStore(pg_url)
+    blobs.put({b"k" * 16: b"value"})
+    pid = blobs._conn.info.backend_pid
+    pg_admin.execute("SELECT pg_terminate_backend(%s)", (pid,))  # a restart, a failover
+    assert blobs.get([b"k" * 16]) == {b"k" * 16: b"value"}
+    blobs.close()
+
+
+def test_a_sqlite_url_works_for_the_shared_database(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    assert [m.version for m in upgrade(url)] == [m.version for m in MIGRATIONS]
+    blobs = BlobStore(url)
+    blobs.put({b"h" * 16: b"data"})
+    assert blobs.get([b"h" * 16, b"x" * 16]) == {b"h" * 16: b"data"}
+    blobs.close()

@@ -94,29 +94,31 @@ class OffloadCodec(PayloadCodec):
             for p in payloads if p.metadata.get("encoding") == ENCODING
             for i in range(0, len(p.data), _HASH)
         }
-        missing = [key for key in wanted if key not in self._cache]
-        found: dict[bytes, bytes] = {}
+        # what the cache has now: another encode or decode may evict it while we wait below
+        found = {key: self._cache[key] for key in wanted if key in self._cache}
+        missing = [key for key in wanted if key not in found]
         if missing:
-            found = await asyncio.to_thread(self.blobs.get, missing)
-            lost = [key.hex() for key in missing if key not in found]
+            fetched = await asyncio.to_thread(self.blobs.get, missing)
+            lost = [key.hex() for key in missing if key not in fetched]
             if lost:
                 raise StoreError(
                     f"{len(lost)} payload chunk(s) are missing from the blob store (first "
                     f"{lost[0]}); the database the workers use is not the one that stored "
                     "them: point every client and worker at the same database",
                 )
+            for key, chunk in fetched.items():
+                self._remember(key, chunk)
+            found.update(fetched)
         out: list[Payload] = []
         for payload in payloads:
             if payload.metadata.get("encoding") != ENCODING:
                 out.append(payload)
                 continue
             keys = (payload.data[i:i + _HASH] for i in range(0, len(payload.data), _HASH))
-            parts = [self._cache[k] if k in self._cache else found[k] for k in keys]
+            parts = [found[k] for k in keys]
             metadata = dict(payload.metadata)
             metadata["encoding"] = metadata.pop(_ORIGINAL)
             out.append(Payload(metadata=metadata, data=b"".join(parts)))
-        for key, chunk in found.items():
-            self._remember(key, chunk)
         return out
 
     def _remember(self, key: bytes, chunk: bytes) -> None:

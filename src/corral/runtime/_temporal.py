@@ -63,6 +63,9 @@ O = TypeVar("O")  # noqa: E741
 
 WORKFLOW = "corral.run"
 STEP = "corral.step"
+# Attempts a step may lose with its workers (or to its start-to-close timeout) beyond its own
+# max_attempts before it fails: Temporal's count includes them, a step's policy does not.
+LOST_ATTEMPTS = 5
 
 
 def parse_engine_url(url: str) -> dict[str, Any]:
@@ -146,7 +149,7 @@ class _TemporalRun:
             if (info.get_current_history_length() >= self.options["max_history_events"]
                     or info.is_continue_as_new_suggested()):
                 self.draining = True
-        if self.draining:
+        if self.draining and not self.cancel_requested:  # (cancelled: clean up, then end)
             await _unscoped(workflow.wait_condition(lambda: False))
 
     def _record(self, key: str, kind: str, name: str, status: str, value: str,
@@ -363,21 +366,26 @@ def _ended(cause: BaseException | None) -> dict[str, Any]:
 async def _unscoped(awaitable: Any) -> Any:
     """Await Temporal's own machinery outside the workflow's scopes: tasks it creates are not
     the workflow's and must not take operation keys."""
-    scope = current_scope.get()
-    current_scope.set(None)
+    token = current_scope.set(None)
     try:
         return await awaitable
-    finally:  # (set, not reset: a run evicted from Temporal's cache unwinds in another context)
-        current_scope.set(scope)
+    finally:
+        _reset(token)
 
 
 def _unscoped_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    scope = current_scope.get()
-    current_scope.set(None)
+    token = current_scope.set(None)
     try:
         return fn(*args, **kwargs)
     finally:
-        current_scope.set(scope)
+        _reset(token)
+
+
+def _reset(token: contextvars.Token[Any]) -> None:
+    """A run evicted from Temporal's cache is unwound by the garbage collector, in whatever
+    context is current then: that context is not the run's, so leave it alone."""
+    with contextlib.suppress(ValueError):
+        current_scope.reset(token)
 
 
 @workflow.defn(name=WORKFLOW, sandboxed=False)
@@ -405,7 +413,9 @@ class CorralRun:
         try:
             wf = resolve(args["workflow"], args["ref"])
         except CorralError as exc:
-            raise _application_error(exc) from None
+            # not the run's failure but this worker's: fail the task, so that Temporal retries
+            # it (on a worker that has the code); the worker logs why
+            raise RuntimeError(f"this worker cannot run {args['workflow']!r}: {exc}") from None
         run = self.run = _TemporalRun(wf, args)
         for name, value in self.early:
             run.inbox.setdefault(name, deque()).append(value)
@@ -478,6 +488,16 @@ async def run_step(call: dict[str, Any]) -> tuple[int, str]:
                 f"step {call['step']!r} is not defined in this worker; define steps at the top "
                 f"level of the workflow's module (or one it imports) so every worker has them"
             )
+    except Exception as exc:  # this worker's problem: another may have the code
+        raise tex.ApplicationError(str(exc), info.attempt, type=type(exc).__name__,
+                                   non_retryable=info.attempt > LOST_ATTEMPTS) from None
+    if info.attempt > step.retry.max_attempts + LOST_ATTEMPTS:
+        raise tex.ApplicationError(
+            f"attempted {info.attempt - 1} times without an outcome (its workers were lost, or "
+            "it ran past its start-to-close timeout); set a timeout on the step",
+            info.attempt, type="TimeoutError", non_retryable=True,
+        )
+    try:
         args, kwargs = step.load_arguments(call["args"], call["kwargs"])
     except Exception as exc:
         raise tex.ApplicationError(str(exc), info.attempt, type=type(exc).__name__,
@@ -786,7 +806,8 @@ class TemporalRuntime:
     async def list_runs(self, *, status: str | None = None, workflow: str | None = None,
                         limit: int = 50) -> list[RunRecord]:
         """Runs of this runtime's task queue, newest first (Temporal's visibility store)."""
-        query = f"WorkflowType = '{WORKFLOW}' AND TaskQueue = '{self.task_queue}'"
+        query = (f"WorkflowType = '{WORKFLOW}' AND TaskQueue = '{self.task_queue}' "
+                 "AND ExecutionStatus != 'ContinuedAsNew'")  # (one row per run, its latest)
         found: list[RunRecord] = []
         async for execution in self._client().list_workflows(query):
             record = self._record(execution, await execution.memo())

@@ -61,7 +61,7 @@ def connect(url: str) -> Any:
                 "the URL (database in corral.toml or $CORRAL_DATABASE_URL) and that the server "
                 "is up", url=_redact(url),
             ) from None
-    if "://" in url:
+    if "://" in url and not url.startswith("sqlite:///"):
         raise UsageError(
             f"database URL {_redact(url)!r} is neither postgresql://... nor a SQLite path "
             "(sqlite:///path or a plain path)"

@@ -7,7 +7,7 @@ in a thread.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, NoReturn
 
 from .._errors import StoreError
 from ._migrations import connect, is_postgres, require
@@ -33,40 +33,57 @@ class BlobStore:
 
     def put(self, blobs: dict[bytes, bytes]) -> None:
         """Store blobs by their hash; one already there is left as it is."""
-        sql = ("INSERT INTO corral_blobs (hash, data) VALUES (%s, %s) ON CONFLICT DO NOTHING"
-               if self._postgres else "INSERT OR IGNORE INTO corral_blobs VALUES (?, ?)")
-        with self._lock:
-            try:
-                cur = self._conn.cursor()
-                if not self._postgres:
-                    cur.execute("BEGIN IMMEDIATE")
-                cur.executemany(sql, list(blobs.items()))
-                if not self._postgres:
-                    cur.execute("COMMIT")
-            except Exception as exc:
-                self._failed("store", exc)
+        self._retrying("store", self._put, list(blobs.items()))
+
+    def _put(self, rows: list[tuple[bytes, bytes]]) -> None:
+        cur = self._conn.cursor()
+        if self._postgres:
+            cur.executemany("INSERT INTO corral_blobs (hash, data) VALUES (%s, %s) "
+                            "ON CONFLICT DO NOTHING", rows)
+            return
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            cur.executemany("INSERT OR IGNORE INTO corral_blobs VALUES (?, ?)", rows)
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
 
     def get(self, hashes: list[bytes]) -> dict[bytes, bytes]:
         """The blobs with these hashes that exist."""
-        with self._lock:
-            try:
-                cur = self._conn.cursor()
-                if self._postgres:
-                    cur.execute("SELECT hash, data FROM corral_blobs WHERE hash = ANY(%s)",
-                                (hashes,))
-                    rows: list[Any] = cur.fetchall()
-                else:
-                    rows = []
-                    for start in range(0, len(hashes), 500):
-                        part = hashes[start:start + 500]
-                        cur.execute("SELECT hash, data FROM corral_blobs WHERE hash IN "
-                                    f"({','.join('?' * len(part))})", part)
-                        rows.extend(cur.fetchall())
-            except Exception as exc:
-                self._failed("read", exc)
+        rows: list[Any] = self._retrying("read", self._get, hashes)
         return {bytes(h): bytes(d) for h, d in rows}
 
-    def _failed(self, what: str, exc: Exception) -> None:
+    def _get(self, hashes: list[bytes]) -> list[Any]:
+        cur = self._conn.cursor()
+        if self._postgres:
+            cur.execute("SELECT hash, data FROM corral_blobs WHERE hash = ANY(%s)", (hashes,))
+            return list(cur.fetchall())
+        rows: list[Any] = []
+        for start in range(0, len(hashes), 500):
+            part = hashes[start:start + 500]
+            cur.execute("SELECT hash, data FROM corral_blobs WHERE hash IN "
+                        f"({','.join('?' * len(part))})", part)
+            rows.extend(cur.fetchall())
+        return rows
+
+    def _retrying(self, what: str, fn: Any, arg: Any) -> Any:
+        """Run ``fn``; after a failure (the database restarted, failed over) connect again and
+        try once more before giving up."""
+        with self._lock:
+            try:
+                return fn(arg)
+            except Exception:
+                try:
+                    self._conn.close()
+                    self._conn = connect(self.url)
+                    if self._postgres:
+                        self._conn.autocommit = True
+                    return fn(arg)
+                except Exception as exc:
+                    self._failed(what, exc)
+
+    def _failed(self, what: str, exc: Exception) -> NoReturn:
         raise StoreError(
             f"cannot {what} payload blobs in {self.url.split('@')[-1]}: "
             f"{type(exc).__name__}: {str(exc).strip()}; check that the database is up",
