@@ -567,7 +567,7 @@ def test_the_topology(manifests: list[Doc]) -> None:
         "corral-worker": ["corral", "worker", "--engine",
                           "temporal://temporal-frontend.temporal:7233", "--health-port", "8080"],
         "corral-gateway": ["corral", "gateway", "--config", "/etc/corral/corral.toml",
-                           "--port", "8000"],
+                           "--host", "0.0.0.0", "--port", "8000"],
         "corral-server": ["corral", "serve", "--port", "8000"],
     }
     for name, command in commands.items():
@@ -817,3 +817,12 @@ def test_a_deployment_selector_missing_its_pods_is_caught(broken: list[Doc]) -> 
     labels = find(broken, "Deployment", "corral-worker")["spec"]["template"]["metadata"]
     labels["labels"]["app.kubernetes.io/component"] = "workers"
     assert_problem(broken, "Deployment/corral-worker", "does not match its pod template")
+
+
+def test_the_gateway_configmap_is_a_gateway_config_corral_accepts(manifests: list[Doc]) -> None:
+    from corral.gateway import parse_gateway
+
+    [config_map] = [d for d in manifests if d["kind"] == "ConfigMap"
+                    and d["metadata"]["name"] == "corral-gateway-config"]
+    settings = parse_gateway(tomllib.loads(config_map["data"]["corral.toml"]).get("gateway"))
+    assert settings.master_key_env == "CORRAL_GATEWAY_KEY"

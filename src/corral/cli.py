@@ -163,6 +163,28 @@ async def _serve_health(port: int, rt: Any) -> asyncio.Server:
                          "another --health-port") from None
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    from .gateway import Gateway, parse_gateway
+
+    config = _config(args)
+    settings = parse_gateway((config.sections or {}).get("gateway"), config.source)
+    master_key = settings.master_key()
+    try:
+        import uvicorn
+
+        from .gateway._server import create_app
+    except ImportError:
+        raise UsageError("the gateway needs the gateway extra; pip install "
+                         "'corral[gateway]'") from None
+    app = create_app(Gateway(settings), master_key=master_key)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                           log_level="warning", access_log=False))
+    print(f"corral gateway on http://{args.host}:{args.port}/v1 ({len(settings.deployments)} "
+          f"deployments)", file=sys.stderr)
+    asyncio.run(server.serve())
+    return 0 if server.started else 1
+
+
 def _db_upgrade(args: argparse.Namespace) -> int:
     config = _config(args)
     url = config.shared_db
@@ -375,6 +397,14 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--health-port", type=int, metavar="PORT",
                         help="serve GET /health on this port (for Kubernetes probes)")
 
+    gateway = commands.add_parser(
+        "gateway", help="serve the model gateway, OpenAI-compatible, over HTTP")
+    gateway.add_argument("--config", metavar="FILE",
+                         help="corral.toml with a [gateway] section (default: $CORRAL_CONFIG "
+                              "or ./corral.toml)")
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--port", type=int, default=8000)
+
     db = commands.add_parser("db", help="the shared database's schema")
     db_commands = db.add_subparsers(dest="db_command", required=True)
     db_upgrade = db_commands.add_parser(
@@ -438,6 +468,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return _until_terminated(_worker(args))
         if args.command == "db":
             return _db_upgrade(args)
+        if args.command == "gateway":
+            return _gateway(args)
         return _runs(args)
     except BrokenPipeError:  # e.g. `corral runs show ID | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -1,0 +1,189 @@
+"""Providers: where a deployment's requests go. Bodies are OpenAI chat completions both ways."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from ..agents._messages import Message, ModelRequest, ModelResponse, ToolSpec
+from ..agents._models import SimulatorModel
+from ._config import Deployment
+
+
+class UpstreamError(Exception):
+    """A deployment failed to answer: ``retryable`` says whether another try may succeed."""
+
+    def __init__(self, message: str, *, status: int = 502, retryable: bool = True,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    value = headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+class OpenAIProvider:
+    """Any OpenAI-compatible server: OpenAI, vLLM, llama.cpp, Ollama. One pooled client."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.deployment = deployment
+        key = deployment.api_key()
+        self._client = httpx.AsyncClient(
+            base_url=(deployment.base_url or "").rstrip("/"),
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+            timeout=httpx.Timeout(deployment.timeout, connect=min(5.0, deployment.timeout)),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+        )
+
+    def _failed(self, response: httpx.Response, text: str) -> UpstreamError:
+        status = response.status_code
+        return UpstreamError(
+            f"{self.deployment.name} answered HTTP {status}: {text[:300]}",
+            status=status, retryable=status in (408, 409, 429) or status >= 500,
+            retry_after=_retry_after(response.headers),
+        )
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = await self._client.post("/chat/completions", json=body)
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"{self.deployment.name}: {type(exc).__name__}: {exc}") from None
+        if response.status_code >= 400:
+            raise self._failed(response, response.text)
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)
+                and isinstance(choices[0].get("message"), dict)):
+            raise UpstreamError(f"{self.deployment.name} answered what is not a chat "
+                                f"completion: {response.text[:200]!r}")
+        assert isinstance(data, dict)
+        return data
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The chunks of a streamed completion; `UpstreamError` if the stream breaks."""
+        body = {**body, "stream": True,
+                "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+        try:
+            async with self._client.stream("POST", "/chat/completions", json=body) as response:
+                if response.status_code >= 400:
+                    text = (await response.aread()).decode(errors="replace")
+                    raise self._failed(response, text)
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        return
+                    try:
+                        chunk = json.loads(payload)
+                    except ValueError:
+                        raise UpstreamError(f"{self.deployment.name} sent a stream chunk that "
+                                            f"is not JSON: {payload[:200]!r}") from None
+                    if not isinstance(chunk, dict) or chunk.get("error"):
+                        raise UpstreamError(f"{self.deployment.name} reported an error "
+                                            f"mid-stream: {payload[:300]}")
+                    yield chunk
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"{self.deployment.name}: the stream broke: "
+                                f"{type(exc).__name__}: {exc}") from None
+        raise UpstreamError(f"{self.deployment.name}: the stream ended before [DONE]")
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class SimulatorProvider:
+    """corral's simulator as an OpenAI-compatible deployment: no network, deterministic."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.deployment = deployment
+        self.model = SimulatorModel(deployment.model)
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            request = self._request(body)
+        except (ValidationError, KeyError, TypeError, AttributeError) as exc:
+            raise UpstreamError(f"{self.deployment.name} cannot read the request: {exc}",
+                                status=400, retryable=False) from None
+        answer = await self.model.complete(request)
+        return self._completion(answer)
+
+    def _request(self, body: dict[str, Any]) -> ModelRequest:
+        return ModelRequest(
+            messages=[_message(m) for m in body["messages"]],
+            tools=[ToolSpec(name=t["function"]["name"],
+                            description=t["function"].get("description", ""),
+                            parameters=t["function"].get("parameters") or {})
+                   for t in body.get("tools") or [] if t.get("type") == "function"],
+        )
+
+    def _completion(self, answer: ModelResponse) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": answer.content}
+        if answer.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.name, "arguments": c.arguments}}
+                for c in answer.tool_calls]
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+            "created": int(time.time()), "model": self.deployment.model,
+            "choices": [{"index": 0, "message": message,
+                         "finish_reason": "tool_calls" if answer.tool_calls else "stop"}],
+            "usage": {"prompt_tokens": answer.usage.input_tokens,
+                      "completion_tokens": answer.usage.output_tokens,
+                      "total_tokens": answer.usage.total_tokens},
+        }
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        done = await self.chat(body)
+        message = done["choices"][0]["message"]
+        base = {"id": done["id"], "object": "chat.completion.chunk", "created": done["created"],
+                "model": done["model"]}
+        delta: dict[str, Any] = {"role": "assistant", "content": message["content"]}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+        yield {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+        yield {**base, "choices": [{"index": 0, "delta": {},
+                                    "finish_reason": done["choices"][0]["finish_reason"]}]}
+        yield {**base, "choices": [], "usage": done["usage"]}
+
+    async def close(self) -> None:
+        pass
+
+
+def _message(data: dict[str, Any]) -> Message:
+    content = data.get("content")
+    if isinstance(content, list):  # content parts: the text ones
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return Message.model_validate({
+        "role": "system" if data["role"] == "developer" else data["role"],
+        "content": content, "tool_call_id": data.get("tool_call_id"),
+        "tool_calls": [{"id": c["id"], "name": c["function"]["name"],
+                        "arguments": c["function"].get("arguments") or ""}
+                       for c in data.get("tool_calls") or []],
+    })
+
+
+Provider = OpenAIProvider | SimulatorProvider
+
+
+def provider(deployment: Deployment) -> Provider:
+    if deployment.provider == "simulator":
+        return SimulatorProvider(deployment)
+    return OpenAIProvider(deployment)

@@ -1,0 +1,151 @@
+"""The gateway over HTTP, OpenAI-compatible: point any client's base URL at it.
+
+Routes: POST /v1/chat/completions (streamed or not, tools passed through), GET /v1/models,
+GET /health. Errors come back in OpenAI's shape, ``{"error": {"message", "type", "param",
+"code"}}``, with OpenAI's statuses (401 bad key, 404 unknown model, 400 invalid request, 413 too
+large, 429 with Retry-After, 502/503 when providers fail).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ._router import Gateway, GatewayError
+
+log = logging.getLogger("corral.gateway")
+
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+def _error(exc: GatewayError) -> JSONResponse:
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def _invalid(message: str, param: str | None = None) -> GatewayError:
+    return GatewayError(400, message, param=param)
+
+
+def _validate(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise _invalid("the request body must be a JSON object")
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise _invalid("'model' is required: the name of a model from GET /v1/models", "model")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("'messages' must be a non-empty array of messages", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+            raise _invalid(f"messages[{i}] must be an object whose role is one of "
+                           f"{', '.join(sorted(_ROLES))}", f"messages[{i}].role")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise _invalid("'stream' must be true or false", "stream")
+    return body
+
+
+def create_app(gateway: Gateway, *, master_key: str | None) -> Starlette:
+    """The ASGI app. With ``master_key``, every /v1 request must send it as its Bearer key."""
+    max_body = gateway.config.max_body_bytes
+
+    def authorize(request: Request) -> None:
+        if master_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(),
+                                                                 master_key.encode()):
+            raise GatewayError(401, "invalid API key: send the gateway's key as "
+                               "'Authorization: Bearer KEY'", code="invalid_api_key")
+
+    async def read_json(request: Request) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body:
+            raise GatewayError(413, f"the request body is over {max_body} bytes; send less",
+                               code="request_too_large")
+        data = bytearray()
+        async for part in request.stream():
+            data += part
+            if len(data) > max_body:
+                raise GatewayError(413, f"the request body is over {max_body} bytes; send "
+                                   "less", code="request_too_large")
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise _invalid(f"the request body is not valid JSON ({exc})") from None
+
+    async def chat(request: Request) -> Response:
+        try:
+            authorize(request)
+            body = _validate(await read_json(request))
+            if not body.get("stream"):
+                return JSONResponse(await gateway.chat(body))
+            chunks = gateway.stream(body)
+            head = await anext(chunks)  # errors before the first chunk keep their status
+        except GatewayError as exc:
+            return _error(exc)
+        except Exception:
+            log.exception("gateway: a request failed")
+            return _error(GatewayError(500, "the gateway failed on this request; its log has "
+                                       "the details", type="api_error", code="internal_error"))
+        return StreamingResponse(_sse(head, chunks), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def models(request: Request) -> Response:
+        try:
+            authorize(request)
+        except GatewayError as exc:
+            return _error(exc)
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "corral"}
+            for name in gateway.models]})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        if status == 405:
+            return _error(GatewayError(405, f"{request.method} is not allowed on "
+                                       f"{request.url.path}", code="method_not_allowed"))
+        return _error(GatewayError(404, f"no route {request.url.path}; the routes are "
+                                   "/v1/chat/completions, /v1/models and /health",
+                                   code="not_found"))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await gateway.close()
+
+    return Starlette(
+        routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
+                Route("/v1/models", models, methods=["GET"]),
+                Route("/health", health, methods=["GET"])],
+        exception_handlers={HTTPException: not_found},
+        lifespan=lifespan,
+    )
+
+
+async def _sse(head: dict[str, Any], chunks: AsyncIterator[dict[str, Any]]
+               ) -> AsyncIterator[bytes]:
+    yield b"data: " + json.dumps(head).encode() + b"\n\n"
+    try:
+        async for chunk in chunks:
+            yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+    except GatewayError as exc:  # cut off: the client gets an error, never a short answer
+        yield b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
+        return
+    yield b"data: [DONE]\n\n"

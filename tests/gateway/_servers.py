@@ -1,0 +1,168 @@
+"""A real OpenAI-compatible upstream on 127.0.0.1 whose behaviour the model name picks, and
+the gateway as a subprocess (`corral gateway`) in front of it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from corral.testing import _free_port
+
+
+class Upstream:
+    """Models: ``ok`` answers; ``down`` 503; ``busy`` 429 with Retry-After 1; ``garbage`` 200
+    with text; ``cut`` streams one chunk and hangs up; ``flaky`` 503 then ok."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.keys: list[str] = []
+        app = Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"])])
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="error", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def completion(self, model: str, text: str) -> dict[str, Any]:
+        return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+
+    async def chat(self, request: Request) -> Response:
+        body = await request.json()
+        model = body["model"]
+        self.calls[model] += 1
+        self.keys.append(request.headers.get("authorization", ""))
+        if model == "down" or (model == "flaky" and self.calls[model] == 1):
+            return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
+        if model == "busy":
+            return JSONResponse({"error": {"message": "slow down"}}, status_code=429,
+                                headers={"Retry-After": "1"})
+        if model == "garbage":
+            return PlainTextResponse("<html>oops</html>")
+        text = f"hello from {model}: {body['messages'][-1]['content']}"
+        if not body.get("stream"):
+            return JSONResponse(self.completion(model, text))
+
+        async def events() -> AsyncIterator[bytes]:
+            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": model,
+                     "choices": [{"index": 0, "delta": {"role": "assistant", "content": text},
+                                  "finish_reason": None}]}
+            yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+            if model == "cut":
+                await asyncio.sleep(0.05)
+                raise ConnectionResetError("the upstream died mid-answer")
+            done = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            yield b"data: " + json.dumps(done).encode() + b"\n\n"
+            usage = {**chunk, "choices": [], "usage": {"prompt_tokens": 5,
+                                                       "completion_tokens": 3,
+                                                       "total_tokens": 8}}
+            yield b"data: " + json.dumps(usage).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def start(self) -> None:
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+KEY = "sk-corral-test-key"
+
+CONFIG = """
+[gateway]
+master_key_env = "CORRAL_TEST_GATEWAY_KEY"
+retry = {{ attempts = 2, initial = 0.05, max_wait = 2 }}
+breaker = {{ failures = 3, cooldown = 60 }}
+
+[[gateway.deployments]]
+name = "ok"
+provider = "openai"
+model = "ok"
+base_url = "{url}"
+api_key_env = "CORRAL_TEST_UPSTREAM_KEY"
+
+[[gateway.deployments]]
+name = "down"
+provider = "openai"
+model = "down"
+base_url = "{url}"
+
+[[gateway.deployments]]
+name = "busy"
+provider = "openai"
+model = "busy"
+base_url = "{url}"
+
+[[gateway.deployments]]
+name = "garbage"
+provider = "openai"
+model = "garbage"
+base_url = "{url}"
+
+[[gateway.deployments]]
+name = "cut"
+provider = "openai"
+model = "cut"
+base_url = "{url}"
+
+[[gateway.deployments]]
+name = "sim"
+provider = "simulator"
+model = "sim"
+
+[gateway.aliases]
+fast = ["down", "ok"]
+junk-first = ["garbage", "ok"]
+"""
+
+
+class GatewayProcess:
+    def __init__(self, url: str, tmp: Path) -> None:
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.config = tmp / "corral.toml"
+        self.config.write_text(CONFIG.format(url=url))
+        env = {**os.environ, "CORRAL_TEST_GATEWAY_KEY": KEY,
+               "CORRAL_TEST_UPSTREAM_KEY": "sk-upstream"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "corral", "gateway", "--config", str(self.config),
+             "--port", str(self.port)], env=env, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1)
+                return
+            except httpx.TransportError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"the gateway did not start: {self.stop()}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.terminate()
+        _, err = self.process.communicate(timeout=30)
+        return err
