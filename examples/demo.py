@@ -78,9 +78,14 @@ def main() -> None:
     say("kill -9 the worker in the middle of charging")
     worker.send_signal(signal.SIGKILL)
     worker.wait()
-    before = effects(run_id)
-    for line in before:
-        print("   done before the crash:", line)
+    # finished = its result was committed to the journal before the kill; a step whose effect
+    # happened but whose result was not is in flight, and runs again with the same key
+    journal = json.loads(corral("runs", "show", run_id, "--json"))["steps"]
+    finished = {f"{run_id}/{s['key']}" for s in journal
+                if s["kind"] == "step" and s["status"] == "ok"}
+    for line in effects(run_id):
+        state = "finished" if line.split()[1] in finished else "in flight"
+        print(f"   before the crash ({state}): {line}")
 
     say("`corral worker --drain` resumes the run: finished steps are not executed again")
     corral("worker", "--drain")
@@ -106,7 +111,7 @@ def main() -> None:
         print("  ", line)
     keys = [line.split()[1] for line in after]
     repeated = sorted({k for k in keys if keys.count(k) > 1})
-    once = all(keys.count(line.split()[1]) == 1 for line in before)
+    once = all(keys.count(key) == 1 for key in finished)
     print(f"   {len(after)} effects; every step that finished before the crash ran once: {once}")
     if not once:
         sys.exit("demo: a finished step ran again")

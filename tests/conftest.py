@@ -7,6 +7,7 @@ embedded engine's own machinery (its store, its queue) are marked ``embedded_onl
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import corral
 from corral.testing import TemporalDevServer
 
 ENGINES = ("embedded", "temporal")
+PG = os.environ.get("CORRAL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -70,3 +72,25 @@ async def rt(runtime: MakeRuntime) -> AsyncIterator[Any]:
     """A runtime with a worker, on the test's engine."""
     async with runtime() as r:
         yield r
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> Iterator[Any]:
+    import psycopg
+
+    try:
+        conn = psycopg.connect(f"{PG}/postgres", autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {PG} ({exc}); start it (see the machine "
+                    "page) or point $CORRAL_TEST_POSTGRES at one")
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def pg_url(pg_admin: Any) -> Iterator[str]:
+    """A fresh database for the test, dropped after."""
+    name = f"corral_test_{uuid.uuid4().hex[:10]}"
+    pg_admin.execute(f"CREATE DATABASE {name}")
+    yield f"{PG}/{name}"
+    pg_admin.execute(f"DROP DATABASE {name} WITH (FORCE)")

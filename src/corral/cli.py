@@ -176,13 +176,38 @@ def _gateway(args: argparse.Namespace) -> int:
     except ImportError:
         raise UsageError("the gateway needs the gateway extra; pip install "
                          "'corral[gateway]'") from None
-    app = create_app(Gateway(settings), master_key=master_key)
+    from .gateway._ledger import Ledger
+
+    ledger = Ledger(config.shared_db)
+    app = create_app(Gateway(settings, ledger), master_key=master_key)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                            log_level="warning", access_log=False))
     print(f"corral gateway on http://{args.host}:{args.port}/v1 ({len(settings.deployments)} "
           f"deployments)", file=sys.stderr)
     asyncio.run(server.serve())
     return 0 if server.started else 1
+
+
+def _costs(args: argparse.Namespace) -> int:
+    import time
+
+    from .gateway._ledger import report
+
+    config = _config(args)
+    since = None if args.days is None else time.time() - args.days * 86400
+    rows = report(config.shared_db, by=args.by, since=since)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{args.by.upper():24} {'CALLS':>8} {'IN TOKENS':>12} {'OUT TOKENS':>12} "
+          f"{'COST USD':>12}")
+    for r in rows:
+        unpriced = f"  ({r['unpriced_calls']} unpriced)" if r["unpriced_calls"] else ""
+        print(f"{str(r[args.by])[:24]:24} {r['calls']:>8} {r['input_tokens']:>12} "
+              f"{r['output_tokens']:>12} {r['cost']:>12.6f}{unpriced}")
+    total = sum(r["cost"] for r in rows)
+    print(f"{'total':24} {sum(r['calls'] for r in rows):>8} {'':>12} {'':>12} {total:>12.6f}")
+    return 0
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
@@ -405,6 +430,14 @@ def parser() -> argparse.ArgumentParser:
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=8000)
 
+    costs = commands.add_parser("costs", help="what model calls cost, from the gateway's ledger")
+    costs.add_argument("--by", choices=["tenant", "workflow", "agent", "model", "day"],
+                       default="model")
+    costs.add_argument("--days", type=float, metavar="N", help="only the last N days")
+    costs.add_argument("--json", action="store_true")
+    costs.add_argument("--config", metavar="FILE",
+                       help="corral.toml (default: $CORRAL_CONFIG or ./corral.toml)")
+
     db = commands.add_parser("db", help="the shared database's schema")
     db_commands = db.add_subparsers(dest="db_command", required=True)
     db_upgrade = db_commands.add_parser(
@@ -470,6 +503,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return _db_upgrade(args)
         if args.command == "gateway":
             return _gateway(args)
+        if args.command == "costs":
+            return _costs(args)
         return _runs(args)
     except BrokenPipeError:  # e.g. `corral runs show ID | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

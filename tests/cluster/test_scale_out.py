@@ -13,7 +13,6 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,33 +28,9 @@ from corral.stores.blobs import BlobStore
 from corral.testing import TemporalDevServer
 
 HERE = Path(__file__).parent
-PG = os.environ.get("CORRAL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 
 sys.path.insert(0, str(HERE))
 import workflows  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def pg_admin() -> Iterator[Any]:
-    import psycopg
-
-    try:
-        conn = psycopg.connect(f"{PG}/postgres", autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {PG} ({exc}); start it (see the machine "
-                    "page) or point $CORRAL_TEST_POSTGRES at one")
-    yield conn
-    conn.close()
-
-
-@pytest.fixture
-def pg_url(pg_admin: Any) -> Iterator[str]:
-    """A fresh database for the test, dropped after."""
-    name = f"corral_test_{uuid.uuid4().hex[:10]}"
-    pg_admin.execute(f"CREATE DATABASE {name}")
-    yield f"{PG}/{name}"
-    pg_admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-
 
 # -- configuration and migrations ---------------------------------------------------------
 

@@ -136,6 +136,10 @@ model = "sim"
 [gateway.aliases]
 fast = ["down", "ok"]
 junk-first = ["garbage", "ok"]
+
+[gateway.prices.ok]
+input = 1.0
+output = 2.0
 """
 
 
@@ -145,8 +149,12 @@ class GatewayProcess:
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.config = tmp / "corral.toml"
         self.config.write_text(CONFIG.format(url=url))
-        env = {**os.environ, "CORRAL_TEST_GATEWAY_KEY": KEY,
-               "CORRAL_TEST_UPSTREAM_KEY": "sk-upstream"}
+        self.db = str(tmp / "shared.db")
+        self.env = env = {**os.environ, "CORRAL_TEST_GATEWAY_KEY": KEY,
+                          "CORRAL_TEST_UPSTREAM_KEY": "sk-upstream",
+                          "CORRAL_DATABASE_URL": self.db}
+        subprocess.run([sys.executable, "-m", "corral", "db", "upgrade"], env=env, check=True,
+                       capture_output=True, cwd=tmp)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "corral", "gateway", "--config", str(self.config),
              "--port", str(self.port)], env=env, stdout=subprocess.DEVNULL,

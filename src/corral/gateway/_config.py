@@ -14,6 +14,11 @@ timeout = 60
 
 [gateway.aliases]
 fast = ["mini-a", "mini-b"]             # clients ask for "fast": the first that works answers
+
+[gateway.prices."gpt-4o-mini"]          # US dollars per million tokens
+input = 0.15
+output = 0.60
+cached_input = 0.075
 ```
 """
 
@@ -65,6 +70,21 @@ class Breaker(_Strict):
     """Seconds an open breaker skips its deployment before one probe request goes through."""
 
 
+class Price(_Strict):
+    """US dollars per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(default=None, ge=0)
+    """Cached prompt tokens (default: the input price)."""
+
+    def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int) -> float:
+        cached = min(cached_tokens, input_tokens)
+        cached_price = self.input if self.cached_input is None else self.cached_input
+        return ((input_tokens - cached) * self.input + cached * cached_price
+                + output_tokens * self.output) / 1e6
+
+
 class GatewayConfig(_Strict):
     deployments: list[Deployment] = Field(min_length=1)
     aliases: dict[str, list[str]] = Field(default_factory=dict)
@@ -74,6 +94,8 @@ class GatewayConfig(_Strict):
     master_key_env: str | None = None
     allow_unauthenticated: bool = False
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    prices: dict[str, Price] = Field(default_factory=dict)
+    """By deployment name or by the provider's model name."""
 
     @model_validator(mode="after")
     def _check(self) -> GatewayConfig:

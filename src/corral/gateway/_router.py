@@ -15,9 +15,11 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ._config import Deployment, GatewayConfig
+from ._ledger import Call, Ledger
 from ._providers import Provider, UpstreamError, provider
 
 T = TypeVar("T")
@@ -68,11 +70,25 @@ class _Deployment:
         self.latency = 0.0  # moving average of successful calls, seconds
 
 
-class Gateway:
-    """The gateway in process: corral's agents call it directly; the HTTP server wraps it."""
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """On whose account a call is made: the tenant and key (from authentication), and what
+    the caller says it is (workflow, run, agent)."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    tenant: str = "default"
+    key_id: str | None = None
+    workflow: str | None = None
+    run_id: str | None = None
+    agent: str | None = None
+
+
+class Gateway:
+    """The gateway in process: corral's agents call it directly; the HTTP server wraps it.
+    With a `Ledger`, every call's tokens and cost are recorded."""
+
+    def __init__(self, config: GatewayConfig, ledger: Ledger | None = None) -> None:
         self.config = config
+        self.ledger = ledger
         self._deployments = {d.name: _Deployment(d) for d in config.deployments}
         self._models = {name: [self._deployments[d.name] for d in ds]
                         for name, ds in config.models().items()}
@@ -84,6 +100,31 @@ class Gateway:
     async def close(self) -> None:
         for d in self._deployments.values():
             await d.provider.close()
+        if self.ledger is not None:
+            await self.ledger.close()
+
+    def _record(self, caller: Caller, model: str, d: _Deployment | None,
+                usage: dict[str, Any] | None, started: float, status: str) -> None:
+        if self.ledger is None:
+            return
+        usage = usage or {}
+        input_tokens = int(usage.get("prompt_tokens") or 0)
+        output_tokens = int(usage.get("completion_tokens") or 0)
+        cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        price = None
+        if d is not None:
+            price = (self.config.prices.get(d.config.name)
+                     or self.config.prices.get(d.config.model))
+        self.ledger.record(Call(
+            at=time.time(), tenant=caller.tenant, key_id=caller.key_id,
+            workflow=caller.workflow, run_id=caller.run_id, agent=caller.agent, model=model,
+            deployment=d.config.name if d is not None else None, input_tokens=input_tokens,
+            output_tokens=output_tokens, cached_tokens=cached,
+            cost=price.cost(input_tokens, output_tokens, cached) if price else 0.0,
+            priced=price is not None or (input_tokens + output_tokens == 0),
+            latency_ms=round((time.monotonic() - started) * 1000, 3), cache="off",
+            status=status,
+        ))
 
     def _candidates(self, model: str) -> list[_Deployment]:
         found = self._models.get(model)
@@ -152,14 +193,21 @@ class Gateway:
                                code="deployments_unavailable", retry_after=cooldown)
         raise _for_caller(last)
 
-    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def chat(self, body: dict[str, Any], caller: Caller = Caller()) -> dict[str, Any]:
         """A chat completion (OpenAI's request and response bodies)."""
         model = body["model"]
-        _, answer = await self._route(
-            model, lambda d: d.provider.chat({**body, "model": d.config.model}))
+        started = time.monotonic()
+        try:
+            d, answer = await self._route(
+                model, lambda d: d.provider.chat({**body, "model": d.config.model}))
+        except GatewayError:
+            self._record(caller, model, None, None, started, "error")
+            raise
+        self._record(caller, model, d, answer.get("usage"), started, "ok")
         return {**answer, "model": model}
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, body: dict[str, Any], caller: Caller = Caller()
+                     ) -> AsyncIterator[dict[str, Any]]:
         """The chunks of a streamed completion. Until the first chunk arrives a failure moves
         on to the next deployment; after it, the stream fails (`GatewayError`): a half answer
         is never passed off as a whole one."""
@@ -172,15 +220,26 @@ class Gateway:
             except StopAsyncIteration:
                 raise UpstreamError(f"{d.config.name} sent an empty stream") from None
 
-        d, (chunks, head) = await self._route(model, first)
-        yield {**head, "model": model}
+        started = time.monotonic()
         try:
+            d, (chunks, head) = await self._route(model, first)
+        except GatewayError:
+            self._record(caller, model, None, None, started, "error")
+            raise
+        usage = head.get("usage")
+        status = "cut"  # until the stream ends well (a client that leaves cuts it too)
+        try:
+            yield {**head, "model": model}
             async for chunk in chunks:
+                usage = chunk.get("usage") or usage
                 yield {**chunk, "model": model}
+            status = "ok"
         except UpstreamError as exc:
             self._failed(d)
             raise GatewayError(502, f"the answer was cut off: {exc}", type="api_error",
                                code="stream_interrupted") from None
+        finally:  # priced like any other call, from the usage the stream reported
+            self._record(caller, model, d, usage, started, status)
 
 
 def _for_caller(exc: UpstreamError) -> GatewayError:

@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 from starlette.applications import Starlette
@@ -22,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ._router import Gateway, GatewayError
+from ._router import Caller, Gateway, GatewayError
 
 log = logging.getLogger("corral.gateway")
 
@@ -61,15 +62,22 @@ def create_app(gateway: Gateway, *, master_key: str | None) -> Starlette:
     """The ASGI app. With ``master_key``, every /v1 request must send it as its Bearer key."""
     max_body = gateway.config.max_body_bytes
 
-    def authorize(request: Request) -> None:
+    def authorize(request: Request) -> Caller:
+        """Who is calling: the tenant comes from the key, never from what the client says;
+        workflow, run and agent are the caller's own labels for its costs."""
+        headers = request.headers
+        caller = Caller(workflow=headers.get("x-corral-workflow") or None,
+                        run_id=headers.get("x-corral-run") or None,
+                        agent=headers.get("x-corral-agent") or None)
         if master_key is None:
-            return
+            return caller
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(),
                                                                  master_key.encode()):
             raise GatewayError(401, "invalid API key: send the gateway's key as "
                                "'Authorization: Bearer KEY'", code="invalid_api_key")
+        return replace(caller, key_id="master")
 
     async def read_json(request: Request) -> Any:
         length = request.headers.get("content-length")
@@ -89,11 +97,11 @@ def create_app(gateway: Gateway, *, master_key: str | None) -> Starlette:
 
     async def chat(request: Request) -> Response:
         try:
-            authorize(request)
+            caller = authorize(request)
             body = _validate(await read_json(request))
             if not body.get("stream"):
-                return JSONResponse(await gateway.chat(body))
-            chunks = gateway.stream(body)
+                return JSONResponse(await gateway.chat(body, caller))
+            chunks = gateway.stream(body, caller)
             head = await anext(chunks)  # errors before the first chunk keep their status
         except GatewayError as exc:
             return _error(exc)

@@ -31,6 +31,22 @@ MIGRATIONS: list[Migration] = [
         sqlite="CREATE TABLE corral_blobs (hash BLOB PRIMARY KEY, data BLOB NOT NULL) "
                "WITHOUT ROWID",
     ),
+    Migration(
+        2, "cost ledger: one row per model call",
+        postgres="CREATE TABLE corral_costs (id BIGSERIAL PRIMARY KEY, at DOUBLE PRECISION "
+                 "NOT NULL, tenant TEXT NOT NULL, key_id TEXT, workflow TEXT, run_id TEXT, "
+                 "agent TEXT, model TEXT NOT NULL, deployment TEXT, input_tokens BIGINT NOT "
+                 "NULL, output_tokens BIGINT NOT NULL, cached_tokens BIGINT NOT NULL, cost "
+                 "DOUBLE PRECISION NOT NULL, priced BOOLEAN NOT NULL, latency_ms DOUBLE "
+                 "PRECISION NOT NULL, cache TEXT NOT NULL, status TEXT NOT NULL); "
+                 "CREATE INDEX corral_costs_at ON corral_costs (at)",
+        sqlite="CREATE TABLE corral_costs (id INTEGER PRIMARY KEY, at REAL NOT NULL, tenant "
+               "TEXT NOT NULL, key_id TEXT, workflow TEXT, run_id TEXT, agent TEXT, model TEXT "
+               "NOT NULL, deployment TEXT, input_tokens INTEGER NOT NULL, output_tokens INTEGER "
+               "NOT NULL, cached_tokens INTEGER NOT NULL, cost REAL NOT NULL, priced INTEGER "
+               "NOT NULL, latency_ms REAL NOT NULL, cache TEXT NOT NULL, status TEXT NOT NULL);"
+               "CREATE INDEX corral_costs_at ON corral_costs (at)",
+    ),
 ]
 
 _LOCK_KEY = 0x636F7272616C  # "corral": the advisory lock that serializes upgrades
@@ -122,7 +138,10 @@ def upgrade(url: str) -> list[Migration]:
             with _transaction(conn, postgres) as cur:
                 if migration.version in _applied(cur, postgres):
                     continue
-                cur.execute(migration.postgres if postgres else migration.sqlite)
+                for statement in (migration.postgres if postgres else migration.sqlite
+                                  ).split(";"):
+                    if statement.strip():
+                        cur.execute(statement)
                 cur.execute(
                     "INSERT INTO corral_migrations (version, name) VALUES "
                     + ("(%s, %s)" if postgres else "(?, ?)"),
