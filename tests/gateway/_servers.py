@@ -27,7 +27,8 @@ from corral.testing import _free_port
 
 class Upstream:
     """Models: ``ok`` answers; ``down`` 503; ``busy`` 429 with Retry-After 1; ``garbage`` 200
-    with text; ``cut`` streams one chunk and hangs up; ``flaky`` 503 then ok."""
+    with text; ``cut`` streams one chunk and hangs up; ``flaky`` 503 then ok; ``hang`` waits
+    30 s."""
 
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
@@ -36,7 +37,8 @@ class Upstream:
         self.keys: list[str] = []
         app = Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"])])
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="error", lifespan="off"))
+                                                    log_level="error", lifespan="off",
+                                                    timeout_graceful_shutdown=1))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def completion(self, model: str, text: str) -> dict[str, Any]:
@@ -55,6 +57,8 @@ class Upstream:
         if model == "busy":
             return JSONResponse({"error": {"message": "slow down"}}, status_code=429,
                                 headers={"Retry-After": "1"})
+        if model == "hang":
+            await asyncio.sleep(30)
         if model == "garbage":
             return PlainTextResponse("<html>oops</html>")
         text = f"hello from {model}: {body['messages'][-1]['content']}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -17,7 +18,7 @@ def config(url: str, **extra: Any) -> dict[str, Any]:
         "allow_unauthenticated": True,
         "deployments": [
             {"name": n, "provider": "openai", "model": n, "base_url": url}
-            for n in ("ok", "down", "busy", "flaky")
+            for n in ("ok", "down", "busy", "flaky", "hang")
         ],
         **extra,
     }
@@ -106,4 +107,22 @@ async def test_weighted_routing_sends_more_to_the_heavier_deployment() -> None:
     gateway = Gateway(parse_gateway(section))
     firsts = [gateway._candidates("both")[0].config.name for _ in range(2000)]
     assert 0.85 < firsts.count("heavy") / 2000 < 0.95
+    await gateway.close()
+
+
+async def test_a_probe_whose_caller_leaves_does_not_shut_the_deployment_out(
+    upstream: Upstream,
+) -> None:
+    gateway = Gateway(parse_gateway(config(upstream.url, breaker={"failures": 1,
+                                                                  "cooldown": 0.01})))
+    gateway._deployments["hang"].breaker.open_until = time.monotonic()  # open, cooled down
+    for _ in range(2):  # each request is let through as the probe, then abandoned
+        before = upstream.calls["hang"]
+        call = asyncio.create_task(gateway.chat(body("hang")))
+        while upstream.calls["hang"] == before:
+            assert not call.done(), "the deployment was not tried: its breaker stayed shut"
+            await asyncio.sleep(0.01)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
     await gateway.close()

@@ -170,6 +170,9 @@ class Gateway:
                 started = time.monotonic()
                 try:
                     result = await call(d)
+                except asyncio.CancelledError:  # the caller left: a probe may be made again
+                    d.breaker.probing = False
+                    raise
                 except UpstreamError as exc:
                     self._failed(d)
                     if not exc.retryable:
