@@ -43,6 +43,7 @@ bench: $(VENV)/.bench
 	$(BIN)/python bench/runtime_concurrency.py
 	$(BIN)/python bench/journal_growth.py
 	$(BIN)/python bench/scale_out.py
+	$(BIN)/python bench/gateway_inprocess.py
 	$(BIN)/python bench/peers/langgraph_throughput.py
 	$(BIN)/python bench/peers/langgraph_journal_growth.py
 

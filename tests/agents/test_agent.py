@@ -213,7 +213,8 @@ async def test_the_simulator_calls_its_tools_and_answers_deterministically() -> 
 
 
 def test_a_model_name_that_is_not_known_says_what_is() -> None:
-    with pytest.raises(corral.UsageError, match="'simulator:NAME' or 'openai:MODEL'"):
+    with pytest.raises(corral.UsageError,
+                       match=r"'simulator:NAME', 'gateway:MODEL' .* or 'openai:MODEL'"):
         corral.Agent("a", instructions="i", model="nope:x")
 
 

@@ -9,6 +9,7 @@ again and again, or turns that bring no new information.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import json
 import sys
@@ -26,6 +27,10 @@ from ._models import Model, resolve_model
 from ._tools import Tool, ToolFailure, ToolResult, safe_error
 
 O = TypeVar("O")  # noqa: E741
+
+# The agent whose model call is under way (in its model step's body).
+calling_agent: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "corral_calling_agent", default=None)
 
 # USD per million tokens (input, output). Extend or override with Agent(prices=...).
 PRICES: dict[str, tuple[float, float]] = {
@@ -187,7 +192,11 @@ class Agent(Generic[O]):
         return f"Agent({self.name!r}, model={self.model.name!r})"
 
     async def _complete(self, request: ModelRequest) -> ModelResponse:
-        return await self.model.complete(request)
+        token = calling_agent.set(self.name)  # (the gateway attributes the cost to it)
+        try:
+            return await self.model.complete(request)
+        finally:
+            calling_agent.reset(token)
 
     def cost(self, response: ModelResponse) -> float:
         price_in, price_out = self.prices.get(response.model, self.prices.get(

@@ -31,12 +31,17 @@ def resolve_model(model: str | Model) -> Model:
     provider, _, name = model.partition(":")
     if provider == "simulator":
         return SimulatorModel(name or "default")
+    if provider == "gateway" and name:
+        from ..gateway._inprocess import GatewayModel
+
+        return GatewayModel(name)
     if provider == "openai" and name:
         from ._openai import OpenAIChat  # httpx is imported only for HTTP models
 
         return OpenAIChat(name)
     raise UsageError(
-        f"unknown model {model!r}; name one as 'simulator:NAME' or 'openai:MODEL' (any "
+        f"unknown model {model!r}; name one as 'simulator:NAME', 'gateway:MODEL' (through "
+        "corral's gateway, configured in corral.toml) or 'openai:MODEL' (any "
         "OpenAI-compatible server via OPENAI_BASE_URL), or pass a Model object"
     )
 

@@ -31,6 +31,34 @@ def _message(message: Message) -> dict[str, Any]:
     return out
 
 
+def chat_body(model: str, request: ModelRequest) -> dict[str, Any]:
+    """A `ModelRequest` as the body of an OpenAI chat completion request."""
+    body: dict[str, Any] = {"model": model, "messages": [_message(m) for m in request.messages]}
+    if request.tools:
+        body["tools"] = [{"type": "function", "function": spec.model_dump()}
+                         for spec in request.tools]
+    if request.output_schema is not None:
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "output", "schema": request.output_schema}}
+    return body
+
+
+def parse_completion(name: str, data: dict[str, Any]) -> ModelResponse:
+    """An OpenAI chat completion as a `ModelResponse` from the model called ``name``."""
+    try:
+        message = data["choices"][0]["message"]
+    except (KeyError, IndexError, TypeError):
+        raise ProviderError(
+            f"{name} answered without a message: {json.dumps(data)[:300]}",
+            status=200, body=json.dumps(data)[:2000], headers={},
+        ) from None
+    calls = [ToolCall(id=c["id"], name=c["function"]["name"],
+                      arguments=c["function"].get("arguments") or "")
+             for c in message.get("tool_calls") or []]
+    return ModelResponse(model=name, content=message.get("content"), tool_calls=calls,
+                         usage=_usage(data.get("usage")))
+
+
 class OpenAIChat:
     """Chat completions over HTTP. ``base_url`` and ``api_key`` default to $OPENAI_BASE_URL and
     $OPENAI_API_KEY; ``stream=True`` reads the answer as server-sent events."""
@@ -51,14 +79,7 @@ class OpenAIChat:
         self.stream = stream
 
     def _body(self, request: ModelRequest) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model,
-                                "messages": [_message(m) for m in request.messages]}
-        if request.tools:
-            body["tools"] = [{"type": "function", "function": spec.model_dump()}
-                             for spec in request.tools]
-        if request.output_schema is not None:
-            body["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": "output", "schema": request.output_schema}}
+        body = chat_body(self.model, request)
         if self.stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
@@ -89,18 +110,7 @@ class OpenAIChat:
         )
 
     def _parse(self, data: dict[str, Any]) -> ModelResponse:
-        try:
-            message = data["choices"][0]["message"]
-        except (KeyError, IndexError, TypeError):
-            raise ProviderError(
-                f"{self.name} answered without a message: {json.dumps(data)[:300]}",
-                status=200, body=json.dumps(data)[:2000], headers={},
-            ) from None
-        calls = [ToolCall(id=c["id"], name=c["function"]["name"],
-                          arguments=c["function"].get("arguments") or "")
-                 for c in message.get("tool_calls") or []]
-        return ModelResponse(model=self.name, content=message.get("content"), tool_calls=calls,
-                             usage=_usage(data.get("usage")))
+        return parse_completion(self.name, data)
 
     async def _read_stream(self, response: httpx.Response) -> ModelResponse:
         content: list[str] = []

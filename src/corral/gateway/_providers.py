@@ -125,8 +125,13 @@ class SimulatorProvider:
         return self._completion(answer)
 
     def _request(self, body: dict[str, Any]) -> ModelRequest:
+        messages = [_message(m) for m in body["messages"]]
+        called = {c.id: c.name for m in messages for c in m.tool_calls}
+        for m in messages:  # OpenAI's tool messages carry the call's id, not the tool's name
+            if m.role == "tool" and m.name is None and m.tool_call_id in called:
+                m.name = called[m.tool_call_id]
         return ModelRequest(
-            messages=[_message(m) for m in body["messages"]],
+            messages=messages,
             tools=[ToolSpec(name=t["function"]["name"],
                             description=t["function"].get("description", ""),
                             parameters=t["function"].get("parameters") or {})
@@ -173,7 +178,7 @@ def _message(data: dict[str, Any]) -> Message:
         content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
     return Message.model_validate({
         "role": "system" if data["role"] == "developer" else data["role"],
-        "content": content, "tool_call_id": data.get("tool_call_id"),
+        "content": content, "tool_call_id": data.get("tool_call_id"), "name": data.get("name"),
         "tool_calls": [{"id": c["id"], "name": c["function"]["name"],
                         "arguments": c["function"].get("arguments") or ""}
                        for c in data.get("tool_calls") or []],

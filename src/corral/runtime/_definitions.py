@@ -33,6 +33,10 @@ O = TypeVar("O")  # noqa: E741
 current_scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
     "corral_scope", default=None
 )
+# In a step body: (run id, workflow name) of the run it is a step of (for cost attribution).
+current_step: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "corral_step", default=None
+)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -56,7 +56,7 @@ from ..stores import (
 )
 from ..stores._base import Outcome
 from ._context import Context, _Scope, child_value, signal_value, task_factory, utc
-from ._definitions import Step, Workflow, current_scope, resolve
+from ._definitions import Step, Workflow, current_scope, current_step, resolve
 
 log = logging.getLogger("corral.runtime")
 
@@ -228,6 +228,7 @@ class _Run:
             started = time.time()
             failure: StepFailed | None = None
             token = current_scope.set(None)  # the body is not workflow code
+            step_token = current_step.set((self.id, self.record.workflow))
             try:
                 value, attempts = await step.attempt(args, kwargs, f"{self.id}/{key}")
                 data = dumps(value)
@@ -246,6 +247,7 @@ class _Run:
                 raise
             finally:
                 current_scope.reset(token)
+                current_step.reset(step_token)
             if failure is None:
                 self._write(key, "step", step.name, "ok", data, started, time.time(), attempts)
                 # what replay will return, so that the code after a step sees the same thing

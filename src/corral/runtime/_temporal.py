@@ -57,7 +57,15 @@ from .._serde import PydanticSerializationError, dumps, loads
 from ..stores import JournalEntry, RunRecord
 from ..stores.blobs import BlobStore
 from ._context import Context, _Scope, child_context, child_value, signal_value, utc
-from ._definitions import Step, Workflow, current_scope, find_step, resolve, step_failed
+from ._definitions import (
+    Step,
+    Workflow,
+    current_scope,
+    current_step,
+    find_step,
+    resolve,
+    step_failed,
+)
 
 O = TypeVar("O")  # noqa: E741
 
@@ -504,6 +512,7 @@ async def run_step(call: dict[str, Any]) -> tuple[int, str]:
                                    non_retryable=True) from None
     last = info.attempt >= step.retry.max_attempts
     beat = asyncio.create_task(_heartbeat(info.heartbeat_timeout))
+    current_step.set((info.workflow_id or "", call["workflow"]))  # (its own context)
     try:
         value = await step.once(args, kwargs, call["key"])
         return info.attempt, dumps(value).decode()

@@ -1,0 +1,62 @@
+"""corral's agents through the gateway, in process: the same routing, failover and cost
+ledger as over HTTP, without the network hop. ``Agent(..., model="gateway:fast")``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._errors import ProviderError
+from ..agents._agent import calling_agent
+from ..agents._messages import ModelRequest, ModelResponse
+from ..agents._openai import chat_body, parse_completion
+from ..runtime._definitions import current_step
+from ._router import Caller, Gateway, GatewayError
+
+_installed: Gateway | None = None
+
+
+def install(gateway: Gateway | None) -> None:
+    """Make ``gateway`` the one ``gateway:`` models use in this process (None: uninstall)."""
+    global _installed
+    _installed = gateway
+
+
+def installed() -> Gateway:
+    """The process's gateway; the first use builds it from corral.toml's [gateway] section,
+    with its cost ledger in the shared database."""
+    global _installed
+    if _installed is None:
+        from ..config import load_config
+        from ._config import parse_gateway
+        from ._ledger import Ledger
+
+        config = load_config()
+        settings = parse_gateway((config.sections or {}).get("gateway"), config.source)
+        _installed = Gateway(settings, Ledger(config.shared_db))
+    return _installed
+
+
+class GatewayModel:
+    """A model behind the gateway. Each call is on the tenant's account (``tenant``), labelled
+    with the agent, run and workflow it is made for."""
+
+    def __init__(self, model: str, *, gateway: Gateway | None = None,
+                 tenant: str = "default") -> None:
+        self.model = model
+        self.name = f"gateway:{model}"
+        self._gateway = gateway
+        self.tenant = tenant
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        gateway = self._gateway or installed()
+        run_id, workflow = current_step.get() or (None, None)
+        caller = Caller(tenant=self.tenant, key_id="in-process", workflow=workflow,
+                        run_id=run_id, agent=calling_agent.get())
+        try:
+            answer: dict[str, Any] = await gateway.chat(chat_body(self.model, request), caller)
+        except GatewayError as exc:
+            raise ProviderError(
+                f"{self.name}: {exc}", status=exc.status, body=str(exc), headers={},
+                retryable=exc.status in (429, 502, 503),
+            ) from None
+        return parse_completion(self.name, answer)
