@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 from corral.agents import Message, ModelRequest, SimulatorModel
-from corral.gateway import Gateway, parse_gateway
-from corral.gateway._inprocess import GatewayModel
+from corral.gateway import Gateway, GatewayModel, parse_gateway
 from corral.gateway._ledger import Ledger, report
 from corral.stores._migrations import upgrade
 

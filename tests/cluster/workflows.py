@@ -52,7 +52,10 @@ chatter = corral.Agent("chatter", instructions="Keep the conversation going.",
 async def long_chat(ctx: corral.Context, turns: int) -> dict[str, int]:
     history: list[Message] = []
     filler = "and here is some more context about the request, " * 6  # ~300 bytes a message
+    sent = 0  # bytes of message text the model calls carried, all turns together
     for i in range(turns):
-        result = await chatter.run([*history, Message(role="user", content=f"turn {i}: {filler}")])
+        asked = [*history, Message(role="user", content=f"turn {i}: {filler}")]
+        sent += sum(len(m.content or "") for m in asked)
+        result = await chatter.run(asked)
         history = result.messages[1:]  # the conversation so far, without the system prompt
-    return {"turns": turns, "messages": len(history)}
+    return {"turns": turns, "messages": len(history), "sent": sent}

@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 
 import corral
-from corral.gateway import Gateway, parse_gateway
-from corral.gateway._inprocess import install
+from corral.gateway import Gateway, install, parse_gateway
 from corral.gateway._ledger import Ledger, report
 from corral.stores._migrations import upgrade
 

@@ -11,12 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import random as _random
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
-from .._errors import InvalidInput, RunCancelled, RunFailed, SignalTimeout, UsageError
-from .._serde import adapter
+from .._errors import (
+    InvalidInput,
+    NonDeterminismError,
+    RunCancelled,
+    RunFailed,
+    SignalTimeout,
+    UsageError,
+)
+from .._serde import adapter, loads
 from ._definitions import Step, Workflow, _first_error, current_scope
 
 O = TypeVar("O")  # noqa: E741
@@ -82,6 +90,20 @@ def task_factory(
     if context is None:
         return asyncio.Task(coro, loop=loop)
     return asyncio.Task(coro, loop=loop, context=context)
+
+
+def start_time(run_at: datetime | float | None, delay: float | timedelta | None) -> float:
+    """When a run submitted now with ``run_at`` and/or ``delay`` may start (epoch seconds)."""
+    when = time.time()
+    if isinstance(run_at, datetime):
+        if run_at.tzinfo is None:
+            raise UsageError("run_at must be timezone-aware, e.g. datetime.now(UTC)")
+        when = run_at.timestamp()
+    elif run_at is not None:
+        when = float(run_at)
+    if delay is not None:
+        when += delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+    return when
 
 
 def _seconds(duration: float | timedelta) -> float:
@@ -184,6 +206,21 @@ class Context:
         return result
 
 
+REPLAY_RULE = ("workflow code must make the same calls in the same order on replay (use steps "
+               "and ctx.now()/ctx.random() for anything that varies)")
+
+
+def non_determinism(run_id: str, key: str, recorded: tuple[str, str], called: tuple[str, str]
+                    ) -> NonDeterminismError:
+    """Replay met another call than the journal recorded at ``key``: (kind, name) of each."""
+    return NonDeterminismError(
+        f"run {run_id!r} is not deterministic: at operation {key} its journal recorded "
+        f"{recorded[0]} {recorded[1]!r} but the workflow now calls {called[0]} {called[1]!r}; "
+        f"{REPLAY_RULE}; the run fails, its journal is kept for `corral runs show`",
+        run_id=run_id, key=key,
+    )
+
+
 def signal_value(run_id: str, name: str, record: dict[str, Any], timeout: float | None,
                  default: Any, tp: Any) -> Any:
     """What ``wait_for`` returns for a journaled outcome ``{"value": ...}`` or a timeout."""
@@ -221,6 +258,19 @@ def child_value(wf: Workflow[Any, Any], record: dict[str, Any]) -> Any:
     raise RunFailed(
         f"child run {child!r} failed: {error.get('type')}: {error.get('message')}",
         run_id=child, error_type=error.get("type"), error=error.get("message"),
+    )
+
+
+def run_result(run_id: str, status: str, result: str | None, error: dict[str, Any],
+               output_type: Any) -> Any:
+    """What a handle's ``result()`` returns for a finished run, or raises."""
+    if status == "completed":
+        return loads(result, output_type)
+    if status == "cancelled":
+        raise RunCancelled(f"run {run_id!r} was cancelled", run_id=run_id)
+    raise RunFailed(
+        f"run {run_id!r} failed: {error.get('type')}: {error.get('message')}",
+        run_id=run_id, error_type=error.get("type"), error=error.get("message"),
     )
 
 

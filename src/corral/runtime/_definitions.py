@@ -160,13 +160,15 @@ def step_failed(name: str, exc: BaseException, attempts: int, timeout: float | N
         text = f"timed out after {timeout:g}s"
     else:
         text = str(exc) or type(exc).__name__
+    return failed_step(name, type(exc).__name__, text, attempts)
+
+
+def failed_step(name: str, error_type: str, error: str, attempts: int) -> StepFailed:
+    """A step's failure, worded the same live and on replay, on either engine."""
     return StepFailed(
         f"step {name!r} failed after {attempts} attempt{'s' if attempts > 1 else ''}: "
-        f"{type(exc).__name__}: {text}",
-        step=name,
-        error_type=type(exc).__name__,
-        error=text,
-        attempts=attempts,
+        f"{error_type}: {error}",
+        step=name, error_type=error_type, error=error, attempts=attempts,
     )
 
 

@@ -35,9 +35,7 @@ from typing import Any, Generic, TypeVar
 from .._errors import (
     CorralError,
     NonDeterminismError,
-    RunCancelled,
     RunConflict,
-    RunFailed,
     StepFailed,
     StoreError,
     UsageError,
@@ -55,8 +53,18 @@ from ..stores import (
     check_resubmission,
 )
 from ..stores._base import Outcome
-from ._context import Context, _Scope, child_value, signal_value, task_factory, utc
-from ._definitions import Step, Workflow, current_scope, current_step, resolve
+from ._context import (
+    Context,
+    _Scope,
+    child_value,
+    non_determinism,
+    run_result,
+    signal_value,
+    start_time,
+    task_factory,
+    utc,
+)
+from ._definitions import Step, Workflow, current_scope, current_step, failed_step, resolve
 
 log = logging.getLogger("corral.runtime")
 
@@ -170,15 +178,7 @@ class _Run:
             raise self.broken
         entry = self.journal.get(key)
         if entry is not None and (entry.kind != kind or entry.name != name):
-            self.broken = NonDeterminismError(
-                f"run {self.id!r} is not deterministic: at operation {key} its journal recorded "
-                f"{entry.kind} {entry.name!r} but the workflow now calls {kind} {name!r}; "
-                "workflow code must make the same calls in the same order on replay (use steps "
-                "and ctx.now()/ctx.random() for anything that varies); the run fails, its "
-                "journal is kept for `corral runs show`",
-                run_id=self.id,
-                key=key,
-            )
+            self.broken = non_determinism(self.id, key, (entry.kind, entry.name), (kind, name))
             raise self.broken
         if entry is None or entry.status == "pending":
             if self.evicting:
@@ -444,12 +444,7 @@ def _expire(waiter: _Waiter) -> None:
 
 def _step_error(entry: JournalEntry) -> StepFailed:
     error = json.loads(entry.value or "{}")
-    return StepFailed(
-        f"step {entry.name!r} failed after {entry.attempts} attempt"
-        f"{'s' if entry.attempts > 1 else ''}: {error.get('type')}: {error.get('message')}",
-        step=entry.name, error_type=error.get("type"), error=error.get("message"),
-        attempts=entry.attempts,
-    )
+    return failed_step(entry.name, error.get("type"), error.get("message"), entry.attempts)
 
 
 class _Commit(asyncio.Future[dict[int, RunRecord]]):
@@ -549,16 +544,9 @@ class RunHandle(Generic[O]):
         else:
             async with asyncio.timeout(timeout):
                 status, result, error_text = await self._rt._outcome(self.id, self._fresh)
-        if status == "completed":
-            value: O = loads(result, self._output_type)
-            return value
-        if status == "cancelled":
-            raise RunCancelled(f"run {self.id!r} was cancelled", run_id=self.id)
-        error = json.loads(error_text or "{}")
-        raise RunFailed(
-            f"run {self.id!r} failed: {error.get('type')}: {error.get('message')}",
-            run_id=self.id, error_type=error.get("type"), error=error.get("message"),
-        )
+        value: O = run_result(self.id, status, result, json.loads(error_text or "{}"),
+                              self._output_type)
+        return value
 
     async def signal(self, name: str, value: Any = None) -> None:
         await self._rt.signal(self.id, name, value)
@@ -783,15 +771,7 @@ class Runtime:
         if concurrency_limit is not None and concurrency_limit < 1:
             raise UsageError(f"concurrency_limit must be at least 1, not {concurrency_limit}")
         value = workflow.validate_input(input)
-        when = time.time()
-        if isinstance(run_at, datetime):
-            if run_at.tzinfo is None:
-                raise UsageError("run_at must be timezone-aware, e.g. datetime.now(UTC)")
-            when = run_at.timestamp()
-        elif run_at is not None:
-            when = float(run_at)
-        if delay is not None:
-            when += delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+        when = start_time(run_at, delay)
         spec = self._spec(workflow, value, id, queue, priority, when, concurrency_key,
                           concurrency_limit)
         now = time.time()

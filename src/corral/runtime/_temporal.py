@@ -44,24 +44,33 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from .._errors import (
     CorralError,
     NonDeterminismError,
-    RunCancelled,
     RunConflict,
-    RunFailed,
     RunFinished,
     RunNotFound,
-    StepFailed,
     StoreError,
     UsageError,
 )
 from .._serde import PydanticSerializationError, dumps, loads
 from ..stores import JournalEntry, RunRecord
 from ..stores.blobs import BlobStore
-from ._context import Context, _Scope, child_context, child_value, signal_value, utc
+from ._context import (
+    REPLAY_RULE,
+    Context,
+    _Scope,
+    child_context,
+    child_value,
+    non_determinism,
+    run_result,
+    signal_value,
+    start_time,
+    utc,
+)
 from ._definitions import (
     Step,
     Workflow,
     current_scope,
     current_step,
+    failed_step,
     find_step,
     resolve,
     step_failed,
@@ -139,13 +148,7 @@ class _TemporalRun:
             raise self.broken
         entry = self.journal.get(key)
         if entry is not None and (entry.kind, entry.name) != (kind, name):
-            self.broken = NonDeterminismError(
-                f"run {self.id!r} is not deterministic: at operation {key} its journal recorded "
-                f"{entry.kind} {entry.name!r} but the workflow now calls {kind} {name!r}; "
-                "workflow code must make the same calls in the same order on replay (use steps "
-                "and ctx.now()/ctx.random() for anything that varies)",
-                run_id=self.id, key=key,
-            )
+            self.broken = non_determinism(self.id, key, (entry.kind, entry.name), (kind, name))
             raise self.broken
         return entry
 
@@ -174,7 +177,7 @@ class _TemporalRun:
             if entry.status == "ok":
                 return step.decode(entry.value)
             error = json.loads(entry.value)
-            raise _failure(step.name, error["type"], error["message"], entry.attempts)
+            raise failed_step(step.name, error["type"], error["message"], entry.attempts)
         try:
             call = {"step": step.name, "origin": step.origin, "workflow": self.wf.name,
                     "ref": self.wf.ref, "key": f"{self.id}/{key}",
@@ -223,7 +226,7 @@ class _TemporalRun:
                 error_type, message, attempts = "TimeoutError", str(cause or exc), 1
             self._record(key, "step", step.name, "error",
                          json.dumps({"type": error_type, "message": message}), attempts)
-            raise _failure(step.name, error_type, message, attempts) from None
+            raise failed_step(step.name, error_type, message, attempts) from None
         except asyncio.CancelledError:
             self.cancel_requested = True
             raise
@@ -344,14 +347,6 @@ class _TemporalRun:
         }
 
 
-def _failure(name: str, error_type: str, message: str, attempts: int) -> StepFailed:
-    return StepFailed(
-        f"step {name!r} failed after {attempts} attempt{'s' if attempts > 1 else ''}: "
-        f"{error_type}: {message}",
-        step=name, error_type=error_type, error=message, attempts=attempts,
-    )
-
-
 def _ended(cause: BaseException | None) -> dict[str, Any]:
     """A failed or cancelled workflow's outcome, in the embedded engine's terms."""
     if isinstance(cause, tex.CancelledError):
@@ -360,8 +355,7 @@ def _ended(cause: BaseException | None) -> dict[str, Any]:
         kind, message = cause.type or "Error", cause.message
         if "Nondeterminism error" in message:  # Temporal's, found replaying its history
             kind = "NonDeterminismError"
-            message += ("; workflow code must make the same calls in the same order on replay "
-                        "(use steps and ctx.now()/ctx.random() for anything that varies)")
+            message += f"; {REPLAY_RULE}"
         return {"status": "failed", "result": None,
                 "error": {"type": kind, "message": message}}
     if isinstance(cause, tex.TerminatedError):
@@ -587,15 +581,8 @@ class TemporalRunHandle(Generic[O]):
     async def result(self, timeout: float | None = None) -> O:
         async with asyncio.timeout(timeout):
             status, text, error = await self._rt._outcome(self.id)
-        if status == "completed":
-            value: O = loads(text, self._output_type)
-            return value
-        if status == "cancelled":
-            raise RunCancelled(f"run {self.id!r} was cancelled", run_id=self.id)
-        raise RunFailed(
-            f"run {self.id!r} failed: {error['type']}: {error['message']}",
-            run_id=self.id, error_type=error["type"], error=error["message"],
-        )
+        value: O = run_result(self.id, status, text, error, self._output_type)
+        return value
 
     async def signal(self, name: str, value: Any = None) -> None:
         await self._rt.signal(self.id, name, value)
@@ -738,18 +725,8 @@ class TemporalRuntime:
                 "with a task queue (queue=) served by workers with max_runs set"
             )
         value = workflow.validate_input(input)
-        start_delay = None
-        when = time.time()
-        if isinstance(run_at, datetime):
-            if run_at.tzinfo is None:
-                raise UsageError("run_at must be timezone-aware, e.g. datetime.now(UTC)")
-            when = run_at.timestamp()
-        elif run_at is not None:
-            when = float(run_at)
-        if delay is not None:
-            when += delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
-        if when > time.time():
-            start_delay = timedelta(seconds=when - time.time())
+        wait = start_time(run_at, delay) - time.time()
+        start_delay = timedelta(seconds=wait) if wait > 0 else None
         from ._engine import new_run_id
 
         run_id = id or new_run_id()
