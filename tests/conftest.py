@@ -87,6 +87,23 @@ def pg_admin() -> Iterator[Any]:
     conn.close()
 
 
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The machine's Redis (``$CORRAL_TEST_REDIS``); the suite fails, saying so, without it."""
+    import redis
+
+    url = os.environ.get("CORRAL_TEST_REDIS", "redis://127.0.0.1:6379/0")
+    client = redis.Redis.from_url(url, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis is not reachable at {url} ({exc}); start it (see the machine "
+                    "page) or point $CORRAL_TEST_REDIS at one")
+    finally:
+        client.close()
+    return url
+
+
 @pytest.fixture
 def pg_url(pg_admin: Any) -> Iterator[str]:
     """A fresh database for the test, dropped after."""

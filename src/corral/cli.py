@@ -176,10 +176,15 @@ def _gateway(args: argparse.Namespace) -> int:
     except ImportError:
         raise UsageError("the gateway needs the gateway extra; pip install "
                          "'corral[gateway]'") from None
+    from .gateway._keys import KeyCache, KeyStore
     from .gateway._ledger import Ledger
 
     ledger = Ledger(config.shared_db)
-    app = create_app(Gateway(settings, ledger), master_key=master_key)
+    store = KeyStore(config.shared_db)
+    store.active()  # (fails now, saying what to do, when the database lacks the keys table)
+    keys = KeyCache(store, settings.keys_refresh)
+    app = create_app(Gateway(settings, ledger, redis=config.redis), master_key=master_key,
+                     keys=keys)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                            log_level="warning", access_log=False))
     print(f"corral gateway on http://{args.host}:{args.port}/v1 ({len(settings.deployments)} "
@@ -207,6 +212,42 @@ def _costs(args: argparse.Namespace) -> int:
               f"{r['output_tokens']:>12} {r['cost']:>12.6f}{unpriced}")
     total = sum(r["cost"] for r in rows)
     print(f"{'total':24} {sum(r['calls'] for r in rows):>8} {'':>12} {'':>12} {total:>12.6f}")
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from .gateway._keys import KeyStore
+
+    store = KeyStore(_config(args).shared_db)
+    if args.keys_command == "create":
+        models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models \
+            else None
+        secret, key = store.create(args.tenant, name=args.name, models=models, rpm=args.rpm,
+                                   tpm=args.tpm, budget=args.budget,
+                                   budget_period=args.budget_period)
+        if args.json:
+            print(json.dumps({"key": secret, **key.public()}, indent=2))
+        else:
+            print(secret)
+            print(f"created {key.id} for tenant {key.tenant}; the key is shown only now: "
+                  "store it in your secret manager", file=sys.stderr)
+        return 0
+    if args.keys_command == "revoke":
+        key = store.revoke(args.id)
+        print(f"revoked {key.id} (tenant {key.tenant}); gateways stop taking it within their "
+              "keys_refresh", file=sys.stderr)
+        return 0
+    keys = store.list()
+    if args.json:
+        print(json.dumps([k.public() for k in keys], indent=2))
+        return 0
+    print(f"{'ID':18} {'TENANT':16} {'NAME':16} {'MODELS':20} {'RPM':>6} {'TPM':>8} "
+          f"{'BUDGET':>12} STATUS")
+    for k in keys:
+        budget = f"${k.budget:g}/{k.budget_period}" if k.budget is not None else "-"
+        print(f"{k.id:18} {k.tenant[:16]:16} {(k.name or '-')[:16]:16} "
+              f"{','.join(k.models or ('*',))[:20]:20} {k.rpm or '-':>6} {k.tpm or '-':>8} "
+              f"{budget:>12} {'revoked' if k.revoked_at else 'active'}")
     return 0
 
 
@@ -430,6 +471,27 @@ def parser() -> argparse.ArgumentParser:
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=8000)
 
+    keys = commands.add_parser("keys", help="the gateway's virtual API keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    create = keys_commands.add_parser("create", help="create a key; it is printed once")
+    create.add_argument("--tenant", required=True, help="whose account its calls are on")
+    create.add_argument("--name", help="a label: the team or service holding it")
+    create.add_argument("--models", metavar="A,B", help="the models it may use (default: all)")
+    create.add_argument("--rpm", type=int, help="its requests per minute")
+    create.add_argument("--tpm", type=int, help="its tokens per minute")
+    create.add_argument("--budget", type=float, metavar="USD", help="its hard budget")
+    create.add_argument("--budget-period", default="month",
+                        choices=["hour", "day", "month", "total"])
+    create.add_argument("--json", action="store_true")
+    listing = keys_commands.add_parser("ls", help="list the keys (never their secrets)")
+    listing.add_argument("--json", action="store_true")
+    revoke = keys_commands.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("id", metavar="KEY_ID")
+    for sub in (create, listing, revoke):
+        sub.add_argument("--config", metavar="FILE",
+                         help="corral.toml naming the database (default: $CORRAL_CONFIG "
+                              "or ./corral.toml)")
+
     costs = commands.add_parser("costs", help="what model calls cost, from the gateway's ledger")
     costs.add_argument("--by", choices=["tenant", "workflow", "agent", "model", "day"],
                        default="model")
@@ -503,6 +565,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return _db_upgrade(args)
         if args.command == "gateway":
             return _gateway(args)
+        if args.command == "keys":
+            return _keys(args)
         if args.command == "costs":
             return _costs(args)
         return _runs(args)

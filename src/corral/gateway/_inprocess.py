@@ -32,7 +32,7 @@ def installed() -> Gateway:
 
         config = load_config()
         settings = parse_gateway((config.sections or {}).get("gateway"), config.source)
-        _installed = Gateway(settings, Ledger(config.shared_db))
+        _installed = Gateway(settings, Ledger(config.shared_db), redis=config.redis)
     return _installed
 
 

@@ -127,6 +127,19 @@ class Ledger:
         else:
             cur.execute("COMMIT")
 
+    def spent_since(self, scope: str, name: str, since: float) -> float:
+        """What ``scope`` (tenant or key) ``name`` has spent since ``since``, as written."""
+        column = {"tenant": "tenant", "key": "key_id"}[scope]
+        mark = "%s" if self._postgres else "?"
+        conn = connect(self.url)
+        try:
+            cur = conn.cursor()
+            cur.execute(f"SELECT coalesce(sum(cost), 0) FROM corral_costs WHERE {column} = "
+                        f"{mark} AND at >= {mark}", (name, since))
+            return float(cur.fetchone()[0])
+        finally:
+            conn.close()
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()

@@ -6,7 +6,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import httpx
 from pydantic import ValidationError
@@ -14,6 +14,9 @@ from pydantic import ValidationError
 from ..agents._messages import Message, ModelRequest, ModelResponse, ToolSpec
 from ..agents._models import SimulatorModel
 from ._config import Deployment
+
+if TYPE_CHECKING:
+    from ._anthropic import AnthropicProvider
 
 
 class UpstreamError(Exception):
@@ -104,6 +107,22 @@ class OpenAIProvider:
                                 f"{type(exc).__name__}: {exc}") from None
         raise UpstreamError(f"{self.deployment.name}: the stream ended before [DONE]")
 
+    async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = await self._client.post("/embeddings", json=body)
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"{self.deployment.name}: {type(exc).__name__}: {exc}") from None
+        if response.status_code >= 400:
+            raise self._failed(response, response.text)
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        if not (isinstance(data, dict) and isinstance(data.get("data"), list)):
+            raise UpstreamError(f"{self.deployment.name} answered what are not embeddings: "
+                                f"{response.text[:200]!r}")
+        return data
+
     async def close(self) -> None:
         await self._client.aclose()
 
@@ -156,20 +175,47 @@ class SimulatorProvider:
         }
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        done = await self.chat(body)
-        message = done["choices"][0]["message"]
-        base = {"id": done["id"], "object": "chat.completion.chunk", "created": done["created"],
-                "model": done["model"]}
-        delta: dict[str, Any] = {"role": "assistant", "content": message["content"]}
-        if message.get("tool_calls"):
-            delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
-        yield {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-        yield {**base, "choices": [{"index": 0, "delta": {},
-                                    "finish_reason": done["choices"][0]["finish_reason"]}]}
-        yield {**base, "choices": [], "usage": done["usage"]}
+        for chunk in chunks_of(await self.chat(body)):
+            yield chunk
+
+    async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Deterministic embeddings of the input, from the dependency-free hashing embedder."""
+        from ._embeddings import HashingEmbedder
+
+        texts = _inputs(body)
+        vectors = HashingEmbedder().embed(texts)
+        tokens = sum(len(t.split()) for t in texts)
+        return {"object": "list", "model": self.deployment.model,
+                "data": [{"object": "embedding", "index": i, "embedding": v.tolist()}
+                         for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     async def close(self) -> None:
         pass
+
+
+def _inputs(body: dict[str, Any]) -> list[str]:
+    value = body.get("input")
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise UpstreamError("'input' must be a string or a non-empty array of strings (token "
+                            "arrays are not supported by the simulator)", status=400,
+                            retryable=False)
+    return texts
+
+
+def chunks_of(done: dict[str, Any]) -> list[dict[str, Any]]:
+    """A whole completion as the chunks of a stream: its message, its end, its usage."""
+    message = done["choices"][0]["message"]
+    base = {"id": done["id"], "object": "chat.completion.chunk", "created": done["created"],
+            "model": done["model"]}
+    delta: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+    if message.get("tool_calls"):
+        delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+    return [{**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
+            {**base, "choices": [{"index": 0, "delta": {},
+                                  "finish_reason": done["choices"][0]["finish_reason"]}]},
+            {**base, "choices": [], "usage": done.get("usage")}]
 
 
 def _message(data: dict[str, Any]) -> Message:
@@ -185,10 +231,14 @@ def _message(data: dict[str, Any]) -> Message:
     })
 
 
-Provider = OpenAIProvider | SimulatorProvider
+Provider = Union[OpenAIProvider, SimulatorProvider, "AnthropicProvider"]
 
 
 def provider(deployment: Deployment) -> Provider:
     if deployment.provider == "simulator":
         return SimulatorProvider(deployment)
+    if deployment.provider == "anthropic":
+        from ._anthropic import AnthropicProvider
+
+        return AnthropicProvider(deployment)
     return OpenAIProvider(deployment)

@@ -18,9 +18,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ._config import Deployment, GatewayConfig
+from .._errors import UsageError
+from ._cache import ExactCache, MemoryCache, RedisCache, request_key
+from ._cascade import load_validator, rejection, wants_logprobs
+from ._config import Cascade, Deployment, GatewayConfig, Price
+from ._keys import Key
 from ._ledger import Call, Ledger
-from ._providers import Provider, UpstreamError, provider
+from ._limits import Counters, Limiter, MemoryCounters, RedisCounters, Ticket
+from ._metrics import Metrics
+from ._providers import Provider, UpstreamError, chunks_of, provider
 
 T = TypeVar("T")
 
@@ -77,60 +83,109 @@ class Caller:
 
     tenant: str = "default"
     key_id: str | None = None
+    """The label the ledger records: a virtual key's id, "master", "in-process"."""
     workflow: str | None = None
     run_id: str | None = None
     agent: str | None = None
+    key: Key | None = None
+    """The virtual key, whose own limits and budget apply."""
 
 
 class Gateway:
     """The gateway in process: corral's agents call it directly; the HTTP server wraps it.
-    With a `Ledger`, every call's tokens and cost are recorded."""
+    With a `Ledger`, every call's tokens and cost are recorded; ``redis`` is where the
+    counters and the exact cache live when the config says ``counters = "redis"``."""
 
-    def __init__(self, config: GatewayConfig, ledger: Ledger | None = None) -> None:
+    def __init__(self, config: GatewayConfig, ledger: Ledger | None = None, *,
+                 redis: str | None = None) -> None:
         self.config = config
         self.ledger = ledger
         self._deployments = {d.name: _Deployment(d) for d in config.deployments}
         self._models = {name: [self._deployments[d.name] for d in ds]
                         for name, ds in config.models().items()}
+        if config.counters == "redis" and not redis:
+            raise UsageError("gateway.counters = \"redis\" needs Redis: set redis in "
+                             "corral.toml or $CORRAL_REDIS_URL")
+        counters: Counters = RedisCounters(redis) if config.counters == "redis" and redis \
+            else MemoryCounters()
+        self.limiter = Limiter(config, counters,
+                               ledger.spent_since if ledger is not None else None)
+        self._exact: ExactCache | None = None
+        if config.cache.exact:
+            self._exact = (RedisCache(redis, config.cache.ttl) if config.counters == "redis"
+                           and redis else MemoryCache(config.cache.ttl, config.cache.max_entries))
+        self._semantic: Any = None
+        if config.cache.semantic:
+            from ._semantic import semantic_cache
+
+            self._semantic = semantic_cache(config.cache)
+        self._validators = {name: load_validator(c.validator)
+                            for name, c in config.cascades.items() if c.validator}
+        self._background: set[asyncio.Task[Any]] = set()
+        self.metrics = Metrics(self._state)
 
     @property
     def models(self) -> list[str]:
-        return list(self._models)
+        return [*self._models, *self.config.cascades]
 
     async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         for d in self._deployments.values():
             await d.provider.close()
+        await self.limiter.counters.close()
+        if self._exact is not None:
+            await self._exact.close()
         if self.ledger is not None:
             await self.ledger.close()
 
-    def _record(self, caller: Caller, model: str, d: _Deployment | None,
-                usage: dict[str, Any] | None, started: float, status: str) -> None:
-        if self.ledger is None:
-            return
+    def _state(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {"breakers": {name: d.breaker.open_until > now
+                             for name, d in self._deployments.items()},
+                "rejected": dict(self.limiter.rejected),
+                "utilization": dict(self.limiter.utilization)}
+
+    def _price(self, d: _Deployment) -> Price | None:
+        return self.config.prices.get(d.config.name) or self.config.prices.get(d.config.model)
+
+    def _account(self, caller: Caller, model: str, d: _Deployment | None,
+                 usage: dict[str, Any] | None, started: float, status: str,
+                 cache: str = "off") -> tuple[int, float]:
+        """Metrics and the ledger for one call; its tokens and cost."""
         usage = usage or {}
         input_tokens = int(usage.get("prompt_tokens") or 0)
         output_tokens = int(usage.get("completion_tokens") or 0)
         cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-        price = None
-        if d is not None:
-            price = (self.config.prices.get(d.config.name)
-                     or self.config.prices.get(d.config.model))
-        self.ledger.record(Call(
-            at=time.time(), tenant=caller.tenant, key_id=caller.key_id,
-            workflow=caller.workflow, run_id=caller.run_id, agent=caller.agent, model=model,
-            deployment=d.config.name if d is not None else None, input_tokens=input_tokens,
-            output_tokens=output_tokens, cached_tokens=cached,
-            cost=price.cost(input_tokens, output_tokens, cached) if price else 0.0,
-            priced=price is not None or (input_tokens + output_tokens == 0),
-            latency_ms=round((time.monotonic() - started) * 1000, 3), cache="off",
-            status=status,
-        ))
+        price = self._price(d) if d is not None else None
+        cost = price.cost(input_tokens, output_tokens, cached) if price else 0.0
+        elapsed = time.monotonic() - started
+        m = self.metrics
+        m.requests.labels(model, status).inc()
+        m.latency.labels(model).observe(elapsed)
+        if input_tokens or output_tokens:
+            m.tokens.labels(caller.tenant, model, "input").inc(input_tokens)
+            m.tokens.labels(caller.tenant, model, "output").inc(output_tokens)
+            if cached:
+                m.tokens.labels(caller.tenant, model, "cached_input").inc(cached)
+        if cost:
+            m.cost.labels(caller.tenant, model).inc(cost)
+        if self.ledger is not None:
+            self.ledger.record(Call(
+                at=time.time(), tenant=caller.tenant, key_id=caller.key_id,
+                workflow=caller.workflow, run_id=caller.run_id, agent=caller.agent,
+                model=model, deployment=d.config.name if d is not None else None,
+                input_tokens=input_tokens, output_tokens=output_tokens, cached_tokens=cached,
+                cost=cost, priced=price is not None or (input_tokens + output_tokens == 0),
+                latency_ms=round(elapsed * 1000, 3), cache=cache, status=status,
+            ))
+        return input_tokens + output_tokens, cost
 
     def _candidates(self, model: str) -> list[_Deployment]:
         found = self._models.get(model)
         if found is None:
             raise GatewayError(404, f"the model {model!r} does not exist; the models are "
-                               f"{', '.join(self._models)}", code="model_not_found",
+                               f"{', '.join(self.models)}", code="model_not_found",
                                param="model")
         if self.config.routing == "weighted" and len(found) > 1:
             rest, order = list(found), []
@@ -155,12 +210,11 @@ class Gateway:
             b.open_until = time.monotonic() + self.config.breaker.cooldown
         b.probing = False
 
-    async def _route(self, model: str, call: Callable[[_Deployment], Awaitable[T]]
-                     ) -> tuple[_Deployment, T]:
+    async def _route(self, model: str, candidates: list[_Deployment],
+                     call: Callable[[_Deployment], Awaitable[T]]) -> tuple[_Deployment, T]:
         """``call`` on each deployment in turn until one answers; the waits between passes;
         the last failure, for the caller, when none does."""
         retry = self.config.retry
-        candidates = self._candidates(model)
         last: UpstreamError | None = None
         for attempt in range(retry.attempts):
             hint = 0.0
@@ -196,25 +250,138 @@ class Gateway:
                                code="deployments_unavailable", retry_after=cooldown)
         raise _for_caller(last)
 
-    async def chat(self, body: dict[str, Any], caller: Caller = Caller()) -> dict[str, Any]:
-        """A chat completion (OpenAI's request and response bodies)."""
+    async def _admit(self, caller: Caller, model: str, candidates: list[_Deployment],
+                     body: dict[str, Any]) -> Ticket | None:
+        """Take the call's rate limits and reserve its estimated cost against its budgets."""
+        if not self.limiter.applies(caller):
+            return None
+        tokens = _prompt_tokens(body)
+        output = body.get("max_completion_tokens") or body.get("max_tokens")
+        output = output if isinstance(output, int) and output > 0 else \
+            self.config.output_estimate
+        prices = [p for p in map(self._price, candidates) if p is not None]
+        cost = max((p.cost(tokens, output, 0) for p in prices), default=0.0)
+        return await self.limiter.admit(caller, model, tokens, cost)
+
+    async def _cached(self, body: dict[str, Any], caller: Caller,
+                      similarity: float | None) -> tuple[dict[str, Any] | None, str, Any]:
+        """A cached answer, the cache it came from, and where to store the answer otherwise."""
+        exact_key = semantic_key = None
+        if self._exact is not None:
+            exact_key = request_key(caller.tenant, body)
+            hit = await self._exact.get(exact_key)
+            self.metrics.cache.labels("exact", "hit" if hit else "miss").inc()
+            if hit is not None:
+                return hit, "hit", None
+        if self._semantic is not None:
+            semantic_key = _semantic_key(body)
+            if semantic_key is not None:
+                scope, text = semantic_key
+                found = await asyncio.to_thread(self._semantic.lookup, caller.tenant, scope,
+                                                text, threshold=similarity)
+                self.metrics.cache.labels("semantic", "hit" if found else "miss").inc()
+                if found is not None:
+                    return found.answer, "semantic_hit", None
+        return None, "miss", (exact_key, semantic_key)
+
+    def _keep(self, caller: Caller, where: Any, answer: dict[str, Any]) -> None:
+        exact_key, semantic_key = where
+        if self._exact is not None and exact_key is not None:
+            self._later(self._exact.put(exact_key, answer))
+        if self._semantic is not None and semantic_key is not None:
+            scope, text = semantic_key
+            self._later(asyncio.to_thread(self._semantic.store, caller.tenant, scope, text,
+                                          answer))
+
+    def _later(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def chat(self, body: dict[str, Any], caller: Caller = Caller(), *,
+                   cache: bool = True, similarity: float | None = None) -> dict[str, Any]:
+        """A chat completion (OpenAI's request and response bodies). ``cache=False`` skips
+        the caches; ``similarity`` raises the semantic cache's threshold for this call."""
         model = body["model"]
+        cascade = self.config.cascades.get(model)
+        if cascade is not None:
+            return await self._cascade(model, cascade, body, caller, cache, similarity)
+        candidates = self._candidates(model)
         started = time.monotonic()
+        where = None
+        if cache and (self._exact is not None or self._semantic is not None):
+            hit, status, where = await self._cached(body, caller, similarity)
+            if hit is not None:
+                self._account(caller, model, None, None, started, "ok", status)
+                return {**hit, "model": model}
+        ticket = await self._admit(caller, model, candidates, body)
+        self.metrics.in_flight.inc()
+        d: _Deployment | None = None
+        answer: dict[str, Any] | None = None
         try:
             d, answer = await self._route(
-                model, lambda d: d.provider.chat({**body, "model": d.config.model}))
-        except GatewayError:
-            self._record(caller, model, None, None, started, "error")
-            raise
-        self._record(caller, model, d, answer.get("usage"), started, "ok")
+                model, candidates, lambda d: d.provider.chat({**body, "model": d.config.model}))
+        finally:
+            self.metrics.in_flight.dec()
+            tokens, cost = self._account(caller, model, d, answer and answer.get("usage"),
+                                         started, "ok" if answer else "error",
+                                         "miss" if where else "off")
+            if ticket is not None:
+                await self.limiter.settle(ticket, tokens, cost)
+        assert answer is not None
+        if where is not None:
+            self._keep(caller, where, answer)
         return {**answer, "model": model}
 
-    async def stream(self, body: dict[str, Any], caller: Caller = Caller()
+    async def _cascade(self, name: str, cascade: Cascade, body: dict[str, Any],
+                       caller: Caller, cache: bool, similarity: float | None
+                       ) -> dict[str, Any]:
+        self.metrics.cascade.labels(name).inc()
+        validator = self._validators.get(name)
+        logprobs = wants_logprobs(cascade) and not body.get("logprobs")
+        for model in cascade.models[:-1]:
+            ask = {**body, "model": model, **({"logprobs": True} if logprobs else {})}
+            try:
+                answer = await self.chat(ask, caller, cache=cache, similarity=similarity)
+            except GatewayError as exc:
+                if exc.status < 500:
+                    raise
+                reason = "error"
+            else:
+                reason = rejection(cascade, validator, body, answer) or ""
+                if not reason:
+                    break
+            self.metrics.escalations.labels(name, model, reason.split(":")[0]).inc()
+        else:
+            answer = await self.chat({**body, "model": cascade.models[-1]}, caller,
+                                     cache=cache, similarity=similarity)
+        if logprobs:
+            answer = {**answer, "choices": [{**c, "logprobs": None} for c in answer["choices"]]}
+        return {**answer, "model": name}
+
+    async def stream(self, body: dict[str, Any], caller: Caller = Caller(), *,
+                     cache: bool = True, similarity: float | None = None
                      ) -> AsyncIterator[dict[str, Any]]:
         """The chunks of a streamed completion. Until the first chunk arrives a failure moves
         on to the next deployment; after it, the stream fails (`GatewayError`): a half answer
-        is never passed off as a whole one."""
+        is never passed off as a whole one. Cascades and cache hits stream their whole answer
+        at once."""
         model = body["model"]
+        if model in self.config.cascades or (cache and (self._exact or self._semantic)):
+            started = time.monotonic()
+            hit = None
+            if model not in self.config.cascades:
+                self._candidates(model)
+                hit, status, _ = await self._cached(body, caller, similarity)
+                if hit is not None:
+                    self._account(caller, model, None, None, started, "ok", status)
+            if hit is not None or model in self.config.cascades:
+                answer = hit or await self.chat(body, caller, cache=cache,
+                                                similarity=similarity)
+                for chunk in chunks_of({**answer, "model": model}):
+                    yield chunk
+                return
+        candidates = self._candidates(model)
 
         async def first(d: _Deployment) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any]]:
             chunks = d.provider.stream({**body, "model": d.config.model})
@@ -224,25 +391,80 @@ class Gateway:
                 raise UpstreamError(f"{d.config.name} sent an empty stream") from None
 
         started = time.monotonic()
+        ticket = await self._admit(caller, model, candidates, body)
+        self.metrics.in_flight.inc()
+        d: _Deployment | None = None
+        usage = None
+        status = "error"
         try:
-            d, (chunks, head) = await self._route(model, first)
-        except GatewayError:
-            self._record(caller, model, None, None, started, "error")
-            raise
-        usage = head.get("usage")
-        status = "cut"  # until the stream ends well (a client that leaves cuts it too)
-        try:
+            d, (chunks, head) = await self._route(model, candidates, first)
+            usage = head.get("usage")
+            status = "cut"  # until the stream ends well (a client that leaves cuts it too)
             yield {**head, "model": model}
             async for chunk in chunks:
                 usage = chunk.get("usage") or usage
                 yield {**chunk, "model": model}
             status = "ok"
         except UpstreamError as exc:
+            assert d is not None
             self._failed(d)
             raise GatewayError(502, f"the answer was cut off: {exc}", type="api_error",
                                code="stream_interrupted") from None
         finally:  # priced like any other call, from the usage the stream reported
-            self._record(caller, model, d, usage, started, status)
+            self.metrics.in_flight.dec()
+            tokens, cost = self._account(caller, model, d, usage, started, status)
+            if ticket is not None:
+                await self.limiter.settle(ticket, tokens, cost)
+
+    async def embed(self, body: dict[str, Any], caller: Caller = Caller()) -> dict[str, Any]:
+        """Embeddings (OpenAI's request and response bodies)."""
+        model = body["model"]
+        candidates = self._candidates(model)
+        started = time.monotonic()
+        ticket = await self._admit(caller, model, candidates,
+                                   {"messages": [], "input": body.get("input"),
+                                    "max_tokens": 1})
+        d: _Deployment | None = None
+        answer: dict[str, Any] | None = None
+        try:
+            d, answer = await self._route(
+                model, candidates, lambda d: d.provider.embed({**body, "model": d.config.model}))
+        finally:
+            tokens, cost = self._account(caller, model, d, answer and answer.get("usage"),
+                                         started, "ok" if answer else "error")
+            if ticket is not None:
+                await self.limiter.settle(ticket, tokens, cost)
+        assert answer is not None
+        return {**answer, "model": model}
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    """About how many tokens the request's prompt holds (4 characters a token)."""
+    chars = 0
+    for m in body.get("messages") or ():
+        content = m.get("content") if isinstance(m, dict) else None
+        chars += len(content) if isinstance(content, str) else len(str(content or ""))
+        chars += 16
+    extra = body.get("input")
+    if extra is not None:
+        chars += len(extra) if isinstance(extra, str) else len(str(extra))
+    if body.get("tools"):
+        chars += len(str(body["tools"]))
+    return chars // 4 + 1
+
+
+def _semantic_key(body: dict[str, Any]) -> tuple[str, str] | None:
+    """(scope, question) for the semantic cache: the question is the last user message's text;
+    the scope is everything else about the request, so only the same model, settings and
+    conversation before it can share an answer."""
+    messages = body.get("messages") or []
+    last = messages[-1] if messages else None
+    if not isinstance(last, dict) or last.get("role") != "user" or \
+            not isinstance(last.get("content"), str):
+        return None
+    rest = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "user")}
+    rest["messages"] = messages[:-1]
+    return request_key("", rest), last["content"]
 
 
 def _for_caller(exc: UpstreamError) -> GatewayError:

@@ -1,9 +1,16 @@
 """The gateway over HTTP, OpenAI-compatible: point any client's base URL at it.
 
-Routes: POST /v1/chat/completions (streamed or not, tools passed through), GET /v1/models,
-GET /health. Errors come back in OpenAI's shape, ``{"error": {"message", "type", "param",
-"code"}}``, with OpenAI's statuses (401 bad key, 404 unknown model, 400 invalid request, 413 too
-large, 429 with Retry-After, 502/503 when providers fail).
+Routes: POST /v1/chat/completions (streamed or not, tools passed through), POST
+/v1/embeddings, GET /v1/models, GET /health, GET /metrics (Prometheus). Errors come back in
+OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with OpenAI's statuses (401
+bad key, 403 model not allowed for the key, 404 unknown model, 400 invalid request, 413 too
+large, 429 with Retry-After for rate limits and budgets, 502/503 when providers fail).
+
+Callers authenticate with a virtual key (``corral keys create``), whose tenant, models, limits
+and budget apply, or with the master key, which may name the tenant in ``X-Corral-Tenant``.
+``X-Corral-Workflow``, ``X-Corral-Run`` and ``X-Corral-Agent`` label the call's cost;
+``X-Corral-Cache: off`` skips the caches and ``X-Corral-Cache-Similarity`` raises the semantic
+cache's threshold for one request.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ._keys import PREFIX, KeyCache
 from ._router import Caller, Gateway, GatewayError
 
 log = logging.getLogger("corral.gateway")
@@ -58,26 +66,67 @@ def _validate(body: Any) -> dict[str, Any]:
     return body
 
 
-def create_app(gateway: Gateway, *, master_key: str | None) -> Starlette:
-    """The ASGI app. With ``master_key``, every /v1 request must send it as its Bearer key."""
-    max_body = gateway.config.max_body_bytes
+def _validate_embeddings(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise _invalid("the request body must be a JSON object")
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise _invalid("'model' is required: the name of a model from GET /v1/models", "model")
+    value = body.get("input")
+    if not (isinstance(value, str) and value) and not (isinstance(value, list) and value):
+        raise _invalid("'input' must be a string or a non-empty array", "input")
+    return body
 
-    def authorize(request: Request) -> Caller:
+
+def create_app(gateway: Gateway, *, master_key: str | None,
+               keys: KeyCache | None = None) -> Starlette:
+    """The ASGI app. With ``master_key`` or ``keys``, every /v1 request must send a key as its
+    Bearer token."""
+    max_body = gateway.config.max_body_bytes
+    open_door = master_key is None  # (allow_unauthenticated: keys still count if sent)
+
+    async def authorize(request: Request) -> Caller:
         """Who is calling: the tenant comes from the key, never from what the client says;
         workflow, run and agent are the caller's own labels for its costs."""
         headers = request.headers
         caller = Caller(workflow=headers.get("x-corral-workflow") or None,
                         run_id=headers.get("x-corral-run") or None,
                         agent=headers.get("x-corral-agent") or None)
-        if master_key is None:
+        header = headers.get("authorization", "")
+        scheme, _, secret = header.partition(" ")
+        if not header and open_door:
             return caller
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(),
-                                                                 master_key.encode()):
-            raise GatewayError(401, "invalid API key: send the gateway's key as "
-                               "'Authorization: Bearer KEY'", code="invalid_api_key")
-        return replace(caller, key_id="master")
+        if scheme.lower() == "bearer":
+            if master_key is not None and hmac.compare_digest(secret.encode(),
+                                                              master_key.encode()):
+                return replace(caller, key_id="master",
+                               tenant=headers.get("x-corral-tenant") or "default")
+            key = await keys.find(secret) if keys and secret.startswith(PREFIX) else None
+            if key is not None:
+                return replace(caller, key_id=key.id, tenant=key.tenant, key=key)
+        raise GatewayError(401, "invalid API key: send a key from `corral keys create` (or the "
+                           "gateway's master key) as 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    def allowed(caller: Caller, model: str) -> None:
+        if caller.key is not None and not caller.key.allows(model):
+            raise GatewayError(403, f"this key may not use the model {model!r}; it may use "
+                               f"{', '.join(caller.key.models or ())}",
+                               type="permission_error", code="model_not_allowed",
+                               param="model")
+
+    def cache_options(request: Request) -> tuple[bool, float | None]:
+        use = request.headers.get("x-corral-cache", "on").lower() not in ("off", "no", "false")
+        value = request.headers.get("x-corral-cache-similarity")
+        if value is None:
+            return use, None
+        try:
+            similarity = float(value)
+        except ValueError:
+            similarity = -1.0
+        if not 0 < similarity <= 1:
+            raise _invalid(f"X-Corral-Cache-Similarity must be a number in (0, 1], not "
+                           f"{value!r}")
+        return use, similarity
 
     async def read_json(request: Request) -> Any:
         length = request.headers.get("content-length")
@@ -95,31 +144,53 @@ def create_app(gateway: Gateway, *, master_key: str | None) -> Starlette:
         except ValueError as exc:
             raise _invalid(f"the request body is not valid JSON ({exc})") from None
 
+    def failed() -> JSONResponse:
+        log.exception("gateway: a request failed")
+        return _error(GatewayError(500, "the gateway failed on this request; its log has the "
+                                   "details", type="api_error", code="internal_error"))
+
     async def chat(request: Request) -> Response:
         try:
-            caller = authorize(request)
+            caller = await authorize(request)
             body = _validate(await read_json(request))
+            allowed(caller, body["model"])
+            cache, similarity = cache_options(request)
             if not body.get("stream"):
-                return JSONResponse(await gateway.chat(body, caller))
-            chunks = gateway.stream(body, caller)
+                return JSONResponse(await gateway.chat(body, caller, cache=cache,
+                                                       similarity=similarity))
+            chunks = gateway.stream(body, caller, cache=cache, similarity=similarity)
             head = await anext(chunks)  # errors before the first chunk keep their status
         except GatewayError as exc:
             return _error(exc)
         except Exception:
-            log.exception("gateway: a request failed")
-            return _error(GatewayError(500, "the gateway failed on this request; its log has "
-                                       "the details", type="api_error", code="internal_error"))
+            return failed()
         return StreamingResponse(_sse(head, chunks), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    async def models(request: Request) -> Response:
+    async def embeddings(request: Request) -> Response:
         try:
-            authorize(request)
+            caller = await authorize(request)
+            body = _validate_embeddings(await read_json(request))
+            allowed(caller, body["model"])
+            return JSONResponse(await gateway.embed(body, caller))
         except GatewayError as exc:
             return _error(exc)
+        except Exception:
+            return failed()
+
+    async def models(request: Request) -> Response:
+        try:
+            caller = await authorize(request)
+        except GatewayError as exc:
+            return _error(exc)
+        names = [m for m in gateway.models if caller.key is None or caller.key.allows(m)]
         return JSONResponse({"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "corral"}
-            for name in gateway.models]})
+            for name in names]})
+
+    async def metrics(request: Request) -> Response:
+        return Response(gateway.metrics.render(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -130,7 +201,8 @@ def create_app(gateway: Gateway, *, master_key: str | None) -> Starlette:
             return _error(GatewayError(405, f"{request.method} is not allowed on "
                                        f"{request.url.path}", code="method_not_allowed"))
         return _error(GatewayError(404, f"no route {request.url.path}; the routes are "
-                                   "/v1/chat/completions, /v1/models and /health",
+                                   "/v1/chat/completions, /v1/embeddings, /v1/models, "
+                                   "/health and /metrics",
                                    code="not_found"))
 
     @asynccontextmanager
@@ -140,8 +212,10 @@ def create_app(gateway: Gateway, *, master_key: str | None) -> Starlette:
 
     return Starlette(
         routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
+                Route("/v1/embeddings", embeddings, methods=["POST"]),
                 Route("/v1/models", models, methods=["GET"]),
-                Route("/health", health, methods=["GET"])],
+                Route("/health", health, methods=["GET"]),
+                Route("/metrics", metrics, methods=["GET"])],
         exception_handlers={HTTPException: not_found},
         lifespan=lifespan,
     )

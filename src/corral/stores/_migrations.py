@@ -47,6 +47,16 @@ MIGRATIONS: list[Migration] = [
                "NOT NULL, latency_ms REAL NOT NULL, cache TEXT NOT NULL, status TEXT NOT NULL);"
                "CREATE INDEX corral_costs_at ON corral_costs (at)",
     ),
+    Migration(
+        3, "gateway keys: virtual API keys, stored hashed",
+        postgres="CREATE TABLE corral_keys (id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, "
+                 "tenant TEXT NOT NULL, name TEXT, models TEXT, rpm BIGINT, tpm BIGINT, "
+                 "budget DOUBLE PRECISION, budget_period TEXT, created_at DOUBLE PRECISION "
+                 "NOT NULL, revoked_at DOUBLE PRECISION)",
+        sqlite="CREATE TABLE corral_keys (id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, "
+               "tenant TEXT NOT NULL, name TEXT, models TEXT, rpm INTEGER, tpm INTEGER, "
+               "budget REAL, budget_period TEXT, created_at REAL NOT NULL, revoked_at REAL)",
+    ),
 ]
 
 _LOCK_KEY = 0x636F7272616C  # "corral": the advisory lock that serializes upgrades

@@ -1,0 +1,72 @@
+"""The gateway's Prometheus metrics, served at /metrics.
+
+Counters and histograms are updated on the request path (a few hundred nanoseconds each);
+breaker states, limit rejections and budget utilization are read from the gateway when scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self, state: Callable[[], dict[str, Any]]) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("corral_gateway_requests", "Model calls by model and outcome",
+                                ["model", "status"], registry=registry)
+        self.in_flight = Gauge("corral_gateway_requests_in_flight",
+                               "Model calls being answered", registry=registry)
+        self.latency = Histogram("corral_gateway_request_seconds",
+                                 "Time to answer a model call", ["model"], buckets=_LATENCY,
+                                 registry=registry)
+        self.tokens = Counter("corral_gateway_tokens", "Tokens by tenant, model and kind",
+                              ["tenant", "model", "kind"], registry=registry)
+        self.cost = Counter("corral_gateway_cost_usd", "US dollars spent by tenant and model",
+                            ["tenant", "model"], registry=registry)
+        self.cache = Counter("corral_gateway_cache_lookups",
+                             "Cache lookups by cache and result", ["cache", "result"],
+                             registry=registry)
+        self.cascade = Counter("corral_gateway_cascade_requests", "Requests to a cascade",
+                               ["cascade"], registry=registry)
+        self.escalations = Counter("corral_gateway_cascade_escalations",
+                                   "Answers a cascade rejected, by model and reason",
+                                   ["cascade", "model", "reason"], registry=registry)
+        registry.register(_State(state))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _State(Collector):
+    """What the gateway holds, read at scrape time."""
+
+    def __init__(self, state: Callable[[], dict[str, Any]]) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        state = self.state()
+        breakers = GaugeMetricFamily("corral_gateway_breaker_open",
+                                     "1 while a deployment's circuit breaker is open",
+                                     labels=["deployment"])
+        for name, is_open in state["breakers"].items():
+            breakers.add_metric([name], 1.0 if is_open else 0.0)
+        yield breakers
+        rejected = CounterMetricFamily("corral_gateway_limit_rejections",
+                                       "Calls refused by a rate limit or budget",
+                                       labels=["limit", "scope"])
+        for what, n in state["rejected"].items():
+            rejected.add_metric(what.split(":", 1), n)
+        yield rejected
+        used = GaugeMetricFamily("corral_gateway_budget_utilization",
+                                 "Spent over the hard limit in the current period",
+                                 labels=["scope", "name"])
+        for (scope, name), ratio in state["utilization"].items():
+            used.add_metric([scope, name], ratio)
+        yield used
