@@ -118,3 +118,36 @@ def test_a_request_a_provider_cannot_read_is_a_400_not_a_500(gateway: GatewayPro
         model="sim", messages=[{"role": "developer", "content": "Be brief."},
                                {"role": "user", "content": "hello there"}])
     assert answer.choices[0].message.content
+
+
+def test_embeddings_through_the_sdk(client: openai.OpenAI, upstream: Upstream) -> None:
+    upstream_vectors = client.embeddings.create(model="ok", input=["one", "three"])
+    assert [d.embedding for d in upstream_vectors.data] == [[3.0, 1.0, 0.5], [5.0, 1.0, 0.5]]
+    assert upstream_vectors.model == "ok" and upstream_vectors.usage.prompt_tokens == 4
+    simulated = client.embeddings.create(model="sim", input="the same text")
+    again = client.embeddings.create(model="sim", input="the same text")
+    assert simulated.data[0].embedding == again.data[0].embedding  # deterministic
+    assert abs(sum(x * x for x in simulated.data[0].embedding) - 1.0) < 1e-4
+    with pytest.raises(openai.BadRequestError, match="'input'"):
+        client.embeddings.create(model="ok", input=[])
+
+
+def test_metrics_in_prometheus_format(client: openai.OpenAI, gateway: GatewayProcess) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ask(client, "ok", "count me")
+    for _ in range(3):  # enough to open the breaker of "down" (failures = 3)
+        ask(client, "fast")
+    text = httpx.get(gateway.base_url.removesuffix("/v1") + "/metrics").text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("corral_gateway_requests_total",
+                    (("model", "ok"), ("status", "ok")))] >= 1
+    assert samples[("corral_gateway_tokens_total",
+                    (("kind", "input"), ("model", "ok"), ("tenant", "default")))] >= 5
+    assert samples[("corral_gateway_cost_usd_total",
+                    (("model", "ok"), ("tenant", "default")))] > 0
+    assert samples[("corral_gateway_breaker_open", (("deployment", "down"),))] == 1.0
+    assert samples[("corral_gateway_breaker_open", (("deployment", "ok"),))] == 0.0
+    assert ("corral_gateway_requests_in_flight", ()) in samples
+    assert any(name == "corral_gateway_request_seconds_bucket" for name, _ in samples)

@@ -284,10 +284,12 @@ class Gateway:
                     return found.answer, "semantic_hit", None
         return None, "miss", (exact_key, semantic_key)
 
-    def _keep(self, caller: Caller, where: Any, answer: dict[str, Any]) -> None:
+    async def _keep(self, caller: Caller, where: Any, answer: dict[str, Any]) -> None:
+        """Cache an answer: at once in the exact cache (so the next identical request hits),
+        in the background in the semantic one (embedding takes a while)."""
         exact_key, semantic_key = where
         if self._exact is not None and exact_key is not None:
-            self._later(self._exact.put(exact_key, answer))
+            await self._exact.put(exact_key, answer)
         if self._semantic is not None and semantic_key is not None:
             scope, text = semantic_key
             self._later(asyncio.to_thread(self._semantic.store, caller.tenant, scope, text,
@@ -330,7 +332,7 @@ class Gateway:
                 await self.limiter.settle(ticket, tokens, cost)
         assert answer is not None
         if where is not None:
-            self._keep(caller, where, answer)
+            await self._keep(caller, where, answer)
         return {**answer, "model": model}
 
     async def _cascade(self, name: str, cascade: Cascade, body: dict[str, Any],
@@ -376,7 +378,8 @@ class Gateway:
                 if hit is not None:
                     self._account(caller, model, None, None, started, "ok", status)
             if hit is not None or model in self.config.cascades:
-                answer = hit or await self.chat(body, caller, cache=cache,
+                whole = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+                answer = hit or await self.chat(whole, caller, cache=cache,
                                                 similarity=similarity)
                 for chunk in chunks_of({**answer, "model": model}):
                     yield chunk
