@@ -1,5 +1,6 @@
 """In-process gateway overhead per model call: an agent's model call through the gateway
-(routing, breaker, price, a cost-ledger row) against the same simulator called directly.
+(routing, breaker, price, metrics, a cost-ledger row, a tenant rate limit (RPM and TPM) and a
+tenant budget, counted in memory) against the same simulator called directly.
 Target: at most 50 µs per call.
 
     python bench/gateway_inprocess.py [--calls 20000] [--repeat 5]
@@ -46,6 +47,8 @@ async def main() -> None:
             "allow_unauthenticated": True,
             "deployments": [{"name": "sim", "provider": "simulator", "model": "sim"}],
             "prices": {"sim": {"input": 0.15, "output": 0.6}},
+            "rate_limits": {"tenant": {"rpm": 10**9, "tpm": 10**12}},
+            "budgets": [{"scope": "tenant", "limit": 10**6, "period": "month"}],
         }), ledger)
         direct_model, through = SimulatorModel("sim"), GatewayModel("sim", gateway=gateway)
         direct, via = [], []

@@ -82,26 +82,44 @@ def period(name: str, now: float) -> tuple[float, float | None]:
 
 
 class MemoryCounters:
-    """The counters of one process. Atomic because nothing here awaits."""
+    """The counters of one process. Atomic because nothing here awaits. Once a minute, past
+    periods and buckets idle long enough to be full again are forgotten."""
 
     def __init__(self) -> None:
         self._buckets: dict[str, tuple[float, float]] = {}  # key: (level, at)
-        self._budgets: dict[str, list[float]] = {}  # key: [spent, reserved]
-        self._expiry: dict[str, float] = {}
+        self._budgets: dict[str, list[float]] = {}  # key: [spent, reserved, until]
+        self._sweep_at = 0.0
 
     def _level(self, key: str, capacity: float, now: float) -> float:
         level, at = self._buckets.get(key, (capacity, now))
         return min(capacity, level + (now - at) * capacity / _MINUTE)
 
+    def _sweep(self, now: float, wall: float) -> None:
+        self._sweep_at = now + _MINUTE
+        for key in [k for k, (_, at) in self._buckets.items() if now - at > _MINUTE]:
+            del self._buckets[key]
+        for key in [k for k, counts in self._budgets.items() if counts[2] <= wall]:
+            del self._budgets[key]
+
     def seeded(self, key: str) -> bool:
         return key in self._budgets
 
     def seed(self, key: str, spent: float) -> None:
-        self._budgets.setdefault(key, [spent, 0.0])
+        self._budgets.setdefault(key, [spent, 0.0, float("inf")])
+
+    def _counts(self, slot: Slot) -> list[float]:
+        counts = self._budgets.get(slot.key)
+        if counts is None:
+            counts = self._budgets[slot.key] = [0.0, 0.0, float("inf")]
+        if slot.until is not None:
+            counts[2] = slot.until
+        return counts
 
     async def admit(self, buckets: list[Bucket], slots: list[Slot],
                     reserve: float) -> Refusal | None:
         now = time.monotonic()
+        if now >= self._sweep_at:
+            self._sweep(now, time.time())
         levels = []
         for i, b in enumerate(buckets):
             level = self._level(b.key, b.capacity, now)
@@ -109,20 +127,14 @@ class MemoryCounters:
             if level < cost:
                 return Refusal("rate", i, (cost - level) * _MINUTE / b.capacity)
             levels.append(level - cost)
-        wall = time.time()
-        for slot in [s for s in slots if s.until is not None and s.key not in self._expiry]:
-            self._expiry[slot.key] = slot.until  # type: ignore[assignment]
-        for key in [k for k, until in self._expiry.items() if until <= wall]:
-            del self._expiry[key]
-            self._budgets.pop(key, None)
-        for j, s in enumerate(slots):
-            spent, reserved = self._budgets.get(s.key, (0.0, 0.0))
+        counts = [self._counts(s) for s in slots]
+        for j, (s, (spent, reserved, _)) in enumerate(zip(slots, counts, strict=True)):
             if s.limit is not None and spent + reserved + reserve > s.limit:
-                return Refusal("budget", j, None if s.until is None else s.until - wall)
+                return Refusal("budget", j, None if s.until is None else s.until - time.time())
         for b, level in zip(buckets, levels, strict=True):
             self._buckets[b.key] = (level, now)
-        for s in slots:
-            self._budgets.setdefault(s.key, [0.0, 0.0])[1] += reserve
+        for c in counts:
+            c[1] += reserve
         return None
 
     async def settle(self, buckets: list[Bucket], slots: list[Slot], reserved: float,
@@ -134,7 +146,7 @@ class MemoryCounters:
             self._buckets[b.key] = (self._level(b.key, b.capacity, now) - b.cost, now)
         totals = []
         for s in slots:
-            counts = self._budgets.setdefault(s.key, [0.0, 0.0])
+            counts = self._counts(s)
             counts[0] += spent
             counts[1] = max(0.0, counts[1] - reserved)
             totals.append(counts[0])
@@ -290,6 +302,7 @@ class Limiter:
         self.soft_crossed: set[str] = set()
         self.utilization: dict[tuple[str, str], float] = {}  # (scope, name): spent / limit
         self.in_flight = self.most_in_flight = 0  # admitted calls not yet settled
+        self._periods: dict[str, tuple[float, float | None]] = {}
         self.enabled = bool(config.budgets) or any(
             limit.rpm or limit.tpm for limit in self._all_limits())
 
@@ -317,6 +330,12 @@ class Limiter:
                 buckets.append(Bucket(f"tpm:{scope}:{name}", limit.tpm, tokens))
         return buckets
 
+    def _period(self, every: str, now: float) -> tuple[float, float | None]:
+        found = self._periods.get(every)
+        if found is None or (found[1] is not None and now >= found[1]):
+            found = self._periods[every] = period(every, now)
+        return found
+
     def _slots(self, caller: Caller) -> list[Slot]:
         now = time.time()
         names = {"tenant": caller.tenant, "key": caller.key_id, "workflow": caller.workflow,
@@ -331,7 +350,7 @@ class Limiter:
             name = names[scope]
             if name is None or pattern not in ("*", name):
                 continue
-            since, until = period(every, now)
+            since, until = self._period(every, now)
             slots.append(Slot(f"budget:{scope}:{name}:{every}:{int(since)}", scope, name,
                               limit, soft, since, until))
         return slots

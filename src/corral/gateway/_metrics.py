@@ -39,6 +39,30 @@ class Metrics:
                                    "Answers a cascade rejected, by model and reason",
                                    ["cascade", "model", "reason"], registry=registry)
         registry.register(_State(state))
+        self._children: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+
+    def call(self, tenant: str, model: str, status: str, seconds: float, input_tokens: int,
+             output_tokens: int, cached_tokens: int, cost: float) -> None:
+        """One model call (the labelled series are looked up once per tenant, model, status)."""
+        key = (tenant, model, status)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = (
+                self.requests.labels(model, status), self.latency.labels(model),
+                self.tokens.labels(tenant, model, "input"),
+                self.tokens.labels(tenant, model, "output"),
+                self.tokens.labels(tenant, model, "cached_input"),
+                self.cost.labels(tenant, model))
+        requests, latency, input_, output, cached, spent = found
+        requests.inc()
+        latency.observe(seconds)
+        if input_tokens or output_tokens:
+            input_.inc(input_tokens)
+            output.inc(output_tokens)
+            if cached_tokens:
+                cached.inc(cached_tokens)
+        if cost:
+            spent.inc(cost)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

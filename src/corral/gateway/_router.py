@@ -160,16 +160,8 @@ class Gateway:
         price = self._price(d) if d is not None else None
         cost = price.cost(input_tokens, output_tokens, cached) if price else 0.0
         elapsed = time.monotonic() - started
-        m = self.metrics
-        m.requests.labels(model, status).inc()
-        m.latency.labels(model).observe(elapsed)
-        if input_tokens or output_tokens:
-            m.tokens.labels(caller.tenant, model, "input").inc(input_tokens)
-            m.tokens.labels(caller.tenant, model, "output").inc(output_tokens)
-            if cached:
-                m.tokens.labels(caller.tenant, model, "cached_input").inc(cached)
-        if cost:
-            m.cost.labels(caller.tenant, model).inc(cost)
+        self.metrics.call(caller.tenant, model, status, elapsed, input_tokens, output_tokens,
+                          cached, cost)
         if self.ledger is not None:
             self.ledger.record(Call(
                 at=time.time(), tenant=caller.tenant, key_id=caller.key_id,
