@@ -251,6 +251,179 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .governance import _records as records
+
+    def public_keys() -> list[bytes]:
+        found = []
+        for name in args.public_key or ():
+            try:
+                found.append(records.parse_public_key(Path(name).read_bytes(), name))
+            except OSError as exc:
+                raise UsageError(f"cannot read the public key {name}: {exc.strerror}") from None
+        return found
+
+    def write(text: str) -> None:
+        if args.out:
+            Path(args.out).write_text(text)
+            print(f"wrote {args.out}", file=sys.stderr)
+        else:
+            print(text, end="")
+
+    if args.audit_command == "verify-proof":  # offline: no database, no configuration
+        try:
+            proof = json.loads(Path(args.file).read_text())
+        except OSError as exc:
+            raise UsageError(f"cannot read the proof {args.file}: {exc.strerror}") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{args.file} is not JSON ({exc}); it should be what `corral "
+                             "audit prove` or `corral audit consistency` wrote") from None
+        check = records.verify_proof(proof, public_keys())
+        if not check.ok:
+            print(f"error: the proof in {args.file} does not verify: {check.message}",
+                  file=sys.stderr)
+            return 1
+        print(f"ok: {check.message}")
+        return 0
+    if args.audit_command == "keygen":
+        try:
+            key = records.generate_key_file(args.out)
+        except FileExistsError:
+            raise UsageError(f"{args.out} exists; keygen never overwrites a key: choose another "
+                             "--out") from None
+        print(f"wrote the signing key {args.out} (Ed25519, key id "
+              f"{records.key_id(records.raw_public_key(key))}); point [governance] signing_key at "
+              "it on every writer, keep it secret, and give auditors `corral audit "
+              "public-key`", file=sys.stderr)
+        return 0
+    config = _config(args)
+    decisions = records.DecisionLog.from_config(config, public_keys=public_keys()
+                                                if "public_key" in args else ())
+    if args.audit_command == "public-key":
+        write(records.public_key_pem(decisions.public_key()))
+        return 0
+    if args.audit_command == "prove":
+        write(json.dumps(decisions.prove(args.record_id, size=args.size), indent=2) + "\n")
+        return 0
+    if args.audit_command == "consistency":
+        write(json.dumps(decisions.consistency(args.old_size, args.new_size), indent=2) + "\n")
+        return 0
+    if args.audit_command == "export":
+        if args.out:
+            with open(args.out, "wb") as out:
+                count = decisions.export(out)
+        else:
+            count = decisions.export(sys.stdout.buffer)
+        print(f"exported {count} decision records", file=sys.stderr)
+        return 0
+    result = decisions.verify()
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    if not result.ok:
+        print(f"error: the decision log in {_redact(decisions.url)} fails verification: "
+              f"{result.problem}", file=sys.stderr)
+        return 1
+    if not args.json:
+        print(f"ok: {result.records} decision records and {result.heads} signed tree heads "
+              f"recomputed in {result.seconds:.2f}s; root {result.root or '(empty)'}")
+    return 0
+
+
+def _add_audit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    audit = commands.add_parser("audit", help="the decision records: verify, prove, export")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True,
+                                          metavar="COMMAND")
+    verify = audit_commands.add_parser(
+        "verify", help="recompute the whole log; exit 1 naming the first bad record")
+    verify.add_argument("--json", action="store_true")
+    prove = audit_commands.add_parser(
+        "prove", help="print a record's inclusion proof (checked offline by verify-proof)")
+    prove.add_argument("record_id", metavar="RECORD_ID")
+    prove.add_argument("--size", type=int, help="against the signed head of this tree size "
+                                                "(default: the latest)")
+    consistency = audit_commands.add_parser(
+        "consistency", help="print the proof that a later signed head extends an earlier one")
+    consistency.add_argument("old_size", type=int, metavar="OLD_SIZE")
+    consistency.add_argument("new_size", type=int, nargs="?", metavar="NEW_SIZE",
+                             help="default: the latest head")
+    checking = audit_commands.add_parser(
+        "verify-proof", help="check a proof file offline, without the database")
+    checking.add_argument("file", metavar="FILE")
+    export = audit_commands.add_parser(
+        "export", help="write the log as JSON lines for an auditor (records and heads)")
+    public = audit_commands.add_parser("public-key", help="print the log's public key (PEM)")
+    keygen = audit_commands.add_parser("keygen", help="make a signing key for the log")
+    keygen.add_argument("--out", required=True, metavar="FILE")
+    for sub in (prove, consistency, export, public):
+        sub.add_argument("--out", metavar="FILE", help="write here (default: standard output)")
+    for sub in (verify, prove, consistency, checking):
+        sub.add_argument("--public-key", action="append", metavar="FILE",
+                         help="a trusted public key of the log (repeatable; default: the "
+                              "configured signing key's)")
+    for sub in (verify, prove, consistency, export, public):
+        sub.add_argument("--config", metavar="FILE",
+                         help="corral.toml naming the database and [governance] signing_key "
+                              "(default: $CORRAL_CONFIG or ./corral.toml)")
+
+
+def _agents(args: argparse.Namespace) -> int:
+    from .governance._registry import AgentRegistry
+
+    registry = AgentRegistry(_config(args).shared_db)
+    if args.agents_command == "register":
+        agent = registry.register(tenant=args.tenant, name=args.name, version=args.version,
+                                  owner=args.owner, description=args.description)
+        if args.json:
+            print(json.dumps(agent.public(), indent=2))
+        print(f"registered {agent.ref} in tenant {agent.tenant}, owned by {agent.owner}",
+              file=sys.stderr)
+        return 0
+    if args.agents_command == "deactivate":
+        for agent in registry.deactivate(args.name, tenant=args.tenant, version=args.version):
+            print(f"deactivated {agent.ref} in tenant {agent.tenant}; gateways and tools "
+                  "refuse it within their registry refresh", file=sys.stderr)
+        return 0
+    agents = registry.list(tenant=args.tenant)
+    if args.json:
+        print(json.dumps([a.public() for a in agents], indent=2))
+        return 0
+    print(f"{'TENANT':16} {'NAME':24} {'VERSION':12} {'OWNER':20} {'STATUS':11} "
+          f"{'REGISTERED':19} DESCRIPTION")
+    for a in agents:
+        print(f"{a.tenant[:16]:16} {a.name[:24]:24} {a.version[:12]:12} {a.owner[:20]:20} "
+              f"{'active' if a.active else 'deactivated':11} {_time(a.registered_at):19} "
+              f"{a.description or '-'}")
+    return 0
+
+
+def _add_agents(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    agents = commands.add_parser("agents", help="the agent registry: who exists, who owns them")
+    agents_commands = agents.add_subparsers(dest="agents_command", required=True,
+                                            metavar="COMMAND")
+    register = agents_commands.add_parser(
+        "register", help="register an agent's version (again: no change)")
+    register.add_argument("--tenant", required=True)
+    register.add_argument("--name", required=True)
+    register.add_argument("--version", required=True, help="e.g. 1.4.0 or a git sha")
+    register.add_argument("--owner", required=True, help="the team or person answering for it")
+    register.add_argument("--description")
+    register.add_argument("--json", action="store_true", help="print the record as JSON")
+    listing = agents_commands.add_parser("ls", help="list the agents and their owners")
+    listing.add_argument("--tenant", help="only this tenant's")
+    listing.add_argument("--json", action="store_true")
+    deactivate = agents_commands.add_parser(
+        "deactivate", help="deactivate an agent (every version, or --version)")
+    deactivate.add_argument("name", metavar="NAME")
+    deactivate.add_argument("--version", help="only this version")
+    deactivate.add_argument("--tenant", help="needed when the name exists in several tenants")
+    for sub in (register, listing, deactivate):
+        sub.add_argument("--config", metavar="FILE",
+                         help="corral.toml naming the database (default: $CORRAL_CONFIG "
+                              "or ./corral.toml)")
+
+
 def _db_upgrade(args: argparse.Namespace) -> int:
     config = _config(args)
     url = config.shared_db
@@ -492,6 +665,9 @@ def parser() -> argparse.ArgumentParser:
                          help="corral.toml naming the database (default: $CORRAL_CONFIG "
                               "or ./corral.toml)")
 
+    _add_agents(commands)
+    _add_audit(commands)
+
     costs = commands.add_parser("costs", help="what model calls cost, from the gateway's ledger")
     costs.add_argument("--by", choices=["tenant", "workflow", "agent", "model", "day"],
                        default="model")
@@ -567,6 +743,10 @@ def _main(argv: Sequence[str] | None) -> int:
             return _gateway(args)
         if args.command == "keys":
             return _keys(args)
+        if args.command == "audit":
+            return _audit(args)
+        if args.command == "agents":
+            return _agents(args)
         if args.command == "costs":
             return _costs(args)
         return _runs(args)

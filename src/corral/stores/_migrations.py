@@ -57,6 +57,41 @@ MIGRATIONS: list[Migration] = [
                "tenant TEXT NOT NULL, name TEXT, models TEXT, rpm INTEGER, tpm INTEGER, "
                "budget REAL, budget_period TEXT, created_at REAL NOT NULL, revoked_at REAL)",
     ),
+    Migration(
+        4, "decision records: an append-only Merkle log (RFC 6962) with signed tree heads",
+        postgres="CREATE TABLE corral_decision_records (idx BIGINT PRIMARY KEY, id TEXT NOT "
+                 "NULL UNIQUE, data BYTEA NOT NULL, hash BYTEA NOT NULL); "
+                 "CREATE TABLE corral_decision_nodes (level INTEGER NOT NULL, idx BIGINT NOT "
+                 "NULL, hash BYTEA NOT NULL, PRIMARY KEY (level, idx)); "
+                 "CREATE TABLE corral_decision_heads (size BIGINT PRIMARY KEY, root BYTEA NOT "
+                 "NULL, at_ms BIGINT NOT NULL, key_id TEXT NOT NULL, signature BYTEA NOT NULL); "
+                 "CREATE TABLE corral_decision_state (id INTEGER PRIMARY KEY CHECK (id = 1), "
+                 "size BIGINT NOT NULL, frontier BYTEA NOT NULL); "
+                 "INSERT INTO corral_decision_state (id, size, frontier) VALUES (1, 0, ''::bytea)",
+        sqlite="CREATE TABLE corral_decision_records (idx INTEGER PRIMARY KEY, id TEXT NOT NULL "
+               "UNIQUE, data BLOB NOT NULL, hash BLOB NOT NULL); "
+               "CREATE TABLE corral_decision_nodes (level INTEGER NOT NULL, idx INTEGER NOT "
+               "NULL, hash BLOB NOT NULL, PRIMARY KEY (level, idx)) WITHOUT ROWID; "
+               "CREATE TABLE corral_decision_heads (size INTEGER PRIMARY KEY, root BLOB NOT "
+               "NULL, at_ms INTEGER NOT NULL, key_id TEXT NOT NULL, signature BLOB NOT NULL); "
+               "CREATE TABLE corral_decision_state (id INTEGER PRIMARY KEY CHECK (id = 1), "
+               "size INTEGER NOT NULL, frontier BLOB NOT NULL); "
+               "INSERT INTO corral_decision_state (id, size, frontier) VALUES (1, 0, X'')",
+    ),
+    Migration(
+        5, "governance: the agent registry and revoked capability tokens",
+        postgres="CREATE TABLE corral_agents (tenant TEXT NOT NULL, name TEXT NOT NULL, "
+                 "version TEXT NOT NULL, owner TEXT NOT NULL, description TEXT, registered_at "
+                 "DOUBLE PRECISION NOT NULL, deactivated_at DOUBLE PRECISION, PRIMARY KEY "
+                 "(tenant, name, version)); "
+                 "CREATE TABLE corral_revocations (id TEXT PRIMARY KEY, tenant TEXT, reason TEXT "
+                 "NOT NULL, revoked_at DOUBLE PRECISION NOT NULL, expires DOUBLE PRECISION)",
+        sqlite="CREATE TABLE corral_agents (tenant TEXT NOT NULL, name TEXT NOT NULL, version "
+               "TEXT NOT NULL, owner TEXT NOT NULL, description TEXT, registered_at REAL NOT "
+               "NULL, deactivated_at REAL, PRIMARY KEY (tenant, name, version)) WITHOUT ROWID;"
+               "CREATE TABLE corral_revocations (id TEXT PRIMARY KEY, tenant TEXT, reason TEXT "
+               "NOT NULL, revoked_at REAL NOT NULL, expires REAL)",
+    ),
 ]
 
 _LOCK_KEY = 0x636F7272616C  # "corral": the advisory lock that serializes upgrades
