@@ -3,6 +3,7 @@ exact cache, in process against the real upstream."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -130,5 +131,43 @@ async def test_errors_are_not_cached(upstream: Upstream) -> None:
             with pytest.raises(GatewayError):
                 await gw.chat(ask("down"))
         assert upstream.calls["down"] >= 2
+    finally:
+        await gw.close()
+
+
+async def test_the_semantic_cache_in_the_gateway(upstream: Upstream) -> None:
+    """A paraphrase from the same tenant is served from the cache; another tenant, another
+    number, a raised threshold or an opt-out goes to the model."""
+    gw = gateway(upstream, cache={"semantic": True, "embedder": "minilm"})
+    acme = Caller(tenant="acme")
+    try:
+        before = upstream.calls["ok"]
+        first = await gw.chat(ask("ok", "How do I reset my password?"), acme)
+        while not len(gw._semantic):  # stored in the background
+            await asyncio.sleep(0.01)
+        hit = await gw.chat(ask("ok", "How can I reset my password?"), acme)
+        assert hit["choices"] == first["choices"] and upstream.calls["ok"] == before + 1
+        await gw.chat(ask("ok", "How can I reset my password?"), Caller(tenant="globex"))
+        await gw.chat(ask("ok", "How can I reset my password?"), acme, similarity=0.999)
+        await gw.chat(ask("ok", "How can I reset my password?"), acme, cache=False)
+        await gw.chat(ask("ok", "How do I reset my password?", temperature=1), acme)
+        assert upstream.calls["ok"] == before + 5
+        hits = gw.metrics.registry.get_sample_value("corral_gateway_cache_lookups_total",
+                                                    {"cache": "semantic", "result": "hit"})
+        assert hits == 1
+    finally:
+        await gw.close()
+
+
+async def test_the_semantic_cache_refuses_another_number(upstream: Upstream) -> None:
+    gw = gateway(upstream, cache={"semantic": True, "embedder": "minilm"})
+    try:
+        before = upstream.calls["ok"]
+        await gw.chat(ask("ok", "What is the status of order 1234?"))
+        while not len(gw._semantic):
+            await asyncio.sleep(0.01)
+        answer = await gw.chat(ask("ok", "What is the status of order 1243?"))
+        assert answer["choices"][0]["message"]["content"].endswith("order 1243?")
+        assert upstream.calls["ok"] == before + 2
     finally:
         await gw.close()

@@ -151,3 +151,16 @@ def test_metrics_in_prometheus_format(client: openai.OpenAI, gateway: GatewayPro
     assert samples[("corral_gateway_breaker_open", (("deployment", "ok"),))] == 0.0
     assert ("corral_gateway_requests_in_flight", ()) in samples
     assert any(name == "corral_gateway_request_seconds_bucket" for name, _ in samples)
+
+
+def test_cache_headers_are_checked(gateway: GatewayProcess) -> None:
+    url = f"{gateway.base_url}/chat/completions"
+    body = {"model": "ok", "messages": [{"role": "user", "content": "x"}]}
+    for bad in ("high", "0", "1.5"):
+        reply = httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEY}",
+                                                    "X-Corral-Cache-Similarity": bad})
+        assert reply.status_code == 400 and "X-Corral-Cache-Similarity" in reply.text
+    ok = httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEY}",
+                                             "X-Corral-Cache": "off",
+                                             "X-Corral-Cache-Similarity": "0.95"})
+    assert ok.status_code == 200

@@ -15,7 +15,24 @@ from ._policy import (
 )
 from ._records import DecisionLog, DecisionRecord, TreeHead, Verification, verify_proof
 
-__all__ = ["Decision", "DecisionLog", "DecisionRecord", "Filter", "Finding", "Policy",
-           "PolicyError", "Redacted", "Redactor", "Relationships", "Resource", "StreamRestorer",
-           "Subject", "TreeHead", "Verification", "Vault", "load_policy", "parse_policy",
-           "verify_proof"]
+__all__ = [
+    "Decision",
+    "DecisionLog",
+    "DecisionRecord",
+    "Filter",
+    "Finding",
+    "Policy",
+    "PolicyError",
+    "Redacted",
+    "Redactor",
+    "Relationships",
+    "Resource",
+    "StreamRestorer",
+    "Subject",
+    "TreeHead",
+    "Vault",
+    "Verification",
+    "load_policy",
+    "parse_policy",
+    "verify_proof",
+]
