@@ -183,8 +183,11 @@ def _gateway(args: argparse.Namespace) -> int:
     store = KeyStore(config.shared_db)
     store.active()  # (fails now, saying what to do, when the database lacks the keys table)
     keys = KeyCache(store, settings.keys_refresh)
-    app = create_app(Gateway(settings, ledger, redis=config.redis), master_key=master_key,
-                     keys=keys)
+    from .governance._chain import Governance
+
+    gateway = Gateway(settings, ledger, redis=config.redis,
+                      governance=Governance.from_config(config))
+    app = create_app(gateway, master_key=master_key, keys=keys)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                            log_level="warning", access_log=False))
     print(f"corral gateway on http://{args.host}:{args.port}/v1 ({len(settings.deployments)} "

@@ -37,6 +37,7 @@ class Upstream:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.keys: list[str] = []
+        self.bodies: list[dict[str, Any]] = []
         self.at_once = self.most_at_once = 0
         app = Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"]),
                                 Route("/v1/embeddings", self.embeddings, methods=["POST"])])
@@ -65,6 +66,7 @@ class Upstream:
         model = body["model"]
         self.calls[model] += 1
         self.keys.append(request.headers.get("authorization", ""))
+        self.bodies.append(body)
         if model == "slow":
             self.at_once += 1
             self.most_at_once = max(self.most_at_once, self.at_once)

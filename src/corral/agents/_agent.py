@@ -29,8 +29,9 @@ from ._tools import Tool, ToolFailure, ToolResult, safe_error
 O = TypeVar("O")  # noqa: E741
 
 # The agent whose model call is under way (in its model step's body).
-calling_agent: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+calling_agent: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
     "corral_calling_agent", default=None)
+"""The (name, version) of the agent whose model call is being made."""
 
 # USD per million tokens (input, output). Extend or override with Agent(prices=...).
 PRICES: dict[str, tuple[float, float]] = {
@@ -164,8 +165,13 @@ class Agent(Generic[O]):
         prices: dict[str, tuple[float, float]] | None = None,
         handoffs: list[Agent[Any]] | tuple[Agent[Any], ...] = (),
         description: str | None = None,
+        version: str = "1",
+        roles: list[str] | tuple[str, ...] = (),
     ) -> None:
         self.name = name
+        self.version = version
+        self.roles = frozenset(roles)
+        """What the policy may grant it for (roles it is given in code, reviewed with it)."""
         self.description = description or instructions.split(".")[0][:200]
         self.handoffs = {f"transfer_to_{a.name}": a for a in handoffs}
         self.instructions = instructions
@@ -192,7 +198,7 @@ class Agent(Generic[O]):
         return f"Agent({self.name!r}, model={self.model.name!r})"
 
     async def _complete(self, request: ModelRequest) -> ModelResponse:
-        token = calling_agent.set(self.name)  # (the gateway attributes the cost to it)
+        token = calling_agent.set((self.name, self.version))  # (the gateway's labels)
         try:
             return await self.model.complete(request)
         finally:
@@ -328,6 +334,15 @@ class Agent(Generic[O]):
                 kind="unknown_tool", retryable=False,
                 message=f"there is no tool {call.name!r}; the tools are: {known}",
             ))
+        from ..governance._chain import installed as governance
+
+        gate = governance()
+        if gate is not None:  # the tool chain: registry, policy, a decision record
+            denied = await gate.tool_gate(self.name, self.version, self.roles, call.name,
+                                          call.id, call.arguments)
+            if denied is not None:
+                return ToolResult(call_id=call.id, name=call.name, failure=ToolFailure(
+                    kind="denied", retryable=False, message=denied))
         if isinstance(found, AgentTool):
             return await found.delegate(call)
         result: ToolResult = await found.step(call.id, call.arguments)

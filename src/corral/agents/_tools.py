@@ -24,7 +24,8 @@ from ..runtime import RetryPolicy, Step
 from ._messages import ToolSpec, Usage
 
 FailureKind = Literal[
-    "invalid_arguments", "timeout", "http_error", "unavailable", "error", "unknown_tool"
+    "invalid_arguments", "timeout", "http_error", "unavailable", "error", "unknown_tool",
+    "denied",
 ]
 
 

@@ -32,7 +32,10 @@ def installed() -> Gateway:
 
         config = load_config()
         settings = parse_gateway((config.sections or {}).get("gateway"), config.source)
-        _installed = Gateway(settings, Ledger(config.shared_db), redis=config.redis)
+        from ..governance._chain import installed as governance
+
+        _installed = Gateway(settings, Ledger(config.shared_db), redis=config.redis,
+                             governance=governance())
     return _installed
 
 
@@ -50,8 +53,9 @@ class GatewayModel:
     async def complete(self, request: ModelRequest) -> ModelResponse:
         gateway = self._gateway or installed()
         run_id, workflow = current_step.get() or (None, None)
+        agent, version = calling_agent.get() or (None, None)
         caller = Caller(tenant=self.tenant, key_id="in-process", workflow=workflow,
-                        run_id=run_id, agent=calling_agent.get())
+                        run_id=run_id, agent=agent, agent_version=version)
         try:
             answer: dict[str, Any] = await gateway.chat(chat_body(self.model, request), caller)
         except GatewayError as exc:

@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._errors import UsageError
 from ._cache import ExactCache, MemoryCache, RedisCache, request_key
@@ -27,6 +27,9 @@ from ._ledger import Call, Ledger
 from ._limits import Counters, Limiter, MemoryCounters, RedisCounters, Ticket
 from ._metrics import Metrics
 from ._providers import Provider, UpstreamError, chunks_of, provider
+
+if TYPE_CHECKING:
+    from ..governance._chain import Governance
 
 T = TypeVar("T")
 
@@ -87,6 +90,7 @@ class Caller:
     workflow: str | None = None
     run_id: str | None = None
     agent: str | None = None
+    agent_version: str | None = None
     key: Key | None = None
     """The virtual key, whose own limits and budget apply."""
 
@@ -97,9 +101,10 @@ class Gateway:
     counters and the exact cache live when the config says ``counters = "redis"``."""
 
     def __init__(self, config: GatewayConfig, ledger: Ledger | None = None, *,
-                 redis: str | None = None) -> None:
+                 redis: str | None = None, governance: Governance | None = None) -> None:
         self.config = config
         self.ledger = ledger
+        self.governance = governance
         self._deployments = {d.name: _Deployment(d) for d in config.deployments}
         self._models = {name: [self._deployments[d.name] for d in ds]
                         for name, ds in config.models().items()}
@@ -138,6 +143,8 @@ class Gateway:
             await self._exact.close()
         if self.ledger is not None:
             await self.ledger.close()
+        if self.governance is not None:
+            await self.governance.close()
 
     def _state(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -253,7 +260,42 @@ class Gateway:
             self.config.output_estimate
         prices = [p for p in map(self._price, candidates) if p is not None]
         cost = max((p.cost(tokens, output, 0) for p in prices), default=0.0)
-        return await self.limiter.admit(caller, model, tokens, cost)
+        try:
+            return await self.limiter.admit(caller, model, tokens, cost)
+        except GatewayError as exc:
+            if exc.code == "budget_exceeded":
+                self._record(caller, "budget_stop", model, decision="stop", rule=str(exc))
+            raise
+
+    def _govern(self, caller: Caller, body: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """The model chain's governance before the call: the agent must be registered (with
+        enforcement on), and the request is redacted; the vault maps the answer back."""
+        gov = self.governance
+        if gov is None:
+            return body, None
+        from ..governance._registry import UnregisteredAgent
+
+        try:
+            gov.identify(caller.tenant, caller.agent, caller.agent_version)
+        except UnregisteredAgent as exc:
+            self._record(caller, "policy_decision", body.get("model"), decision="deny",
+                         rule="registry")
+            raise GatewayError(403, str(exc), type="permission_error",
+                               code="agent_not_registered") from None
+        return gov.redact_request(body)
+
+    def _record(self, caller: Caller, kind: str, model: str | None, *,
+                inputs: Any = None, outputs: Any = None, decision: str | None = None,
+                rule: str | None = None) -> None:
+        gov = self.governance
+        if gov is None or gov.log is None:
+            return
+        from ..governance._records import DecisionRecord
+
+        gov.record(DecisionRecord(
+            kind=kind, tenant=caller.tenant, agent=caller.agent,  # type: ignore[arg-type]
+            agent_version=caller.agent_version, model=model, inputs=inputs, outputs=outputs,
+            decision=decision, rule=rule, run_id=caller.run_id))
 
     async def _cached(self, body: dict[str, Any], caller: Caller,
                       similarity: float | None) -> tuple[dict[str, Any] | None, str, Any]:
@@ -302,6 +344,7 @@ class Gateway:
             return await self._cascade(model, cascade, body, caller, cache, similarity)
         candidates = self._candidates(model)
         started = time.monotonic()
+        sent, vault = self._govern(caller, body)
         where = None
         if cache and (self._exact is not None or self._semantic is not None):
             hit, status, where = await self._cached(body, caller, similarity)
@@ -314,7 +357,7 @@ class Gateway:
         answer: dict[str, Any] | None = None
         try:
             d, answer = await self._route(
-                model, candidates, lambda d: d.provider.chat({**body, "model": d.config.model}))
+                model, candidates, lambda d: d.provider.chat({**sent, "model": d.config.model}))
         finally:
             self.metrics.in_flight.dec()
             tokens, cost = self._account(caller, model, d, answer and answer.get("usage"),
@@ -323,6 +366,11 @@ class Gateway:
             if ticket is not None:
                 await self.limiter.settle(ticket, tokens, cost)
         assert answer is not None
+        if self.governance is not None:
+            self._record(caller, "model_call", model, inputs=sent.get("messages"),
+                         outputs=[c.get("message") for c in answer.get("choices") or ()],
+                         decision=(answer.get("choices") or [{}])[0].get("finish_reason"))
+            answer = self.governance.restore_answer(answer, vault)
         if where is not None:
             await self._keep(caller, where, answer)
         return {**answer, "model": model}
@@ -377,9 +425,10 @@ class Gateway:
                     yield chunk
                 return
         candidates = self._candidates(model)
+        sent, vault = self._govern(caller, body)
 
         async def first(d: _Deployment) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any]]:
-            chunks = d.provider.stream({**body, "model": d.config.model})
+            chunks = d.provider.stream({**sent, "model": d.config.model})
             try:
                 return chunks, await anext(chunks)
             except StopAsyncIteration:
@@ -395,11 +444,15 @@ class Gateway:
             d, (chunks, head) = await self._route(model, candidates, first)
             usage = head.get("usage")
             status = "cut"  # until the stream ends well (a client that leaves cuts it too)
-            yield {**head, "model": model}
-            async for chunk in chunks:
+            restore = _Restorer(vault) if vault is not None and len(vault) else None
+            async for chunk in _chain_head(head, chunks):
                 usage = chunk.get("usage") or usage
-                yield {**chunk, "model": model}
+                for out in (restore.chunk(chunk) if restore else (chunk,)):
+                    yield {**out, "model": model}
             status = "ok"
+            if self.governance is not None:
+                self._record(caller, "model_call", model, inputs=sent.get("messages"),
+                             decision="stream")
         except UpstreamError as exc:
             assert d is not None
             self._failed(d)
@@ -431,6 +484,58 @@ class Gateway:
                 await self.limiter.settle(ticket, tokens, cost)
         assert answer is not None
         return {**answer, "model": model}
+
+
+async def _chain_head(head: dict[str, Any], rest: AsyncIterator[dict[str, Any]]
+                      ) -> AsyncIterator[dict[str, Any]]:
+    yield head
+    async for chunk in rest:
+        yield chunk
+
+
+class _Restorer:
+    """Placeholders back to the caller's originals in a stream: each choice's text and each
+    tool call's arguments, held back across chunks while a placeholder may be incomplete."""
+
+    def __init__(self, vault: Any) -> None:
+        self.vault = vault
+        self.streams: dict[tuple[int, int | None], Any] = {}
+
+    def _feed(self, key: tuple[int, int | None], text: str | None, last: bool) -> str | None:
+        if text is None and not last:
+            return None
+        stream = self.streams.get(key)
+        if stream is None:
+            stream = self.streams[key] = self.vault.stream()
+        out: str = stream.feed(text or "")
+        if last:
+            out += stream.flush()
+        return out
+
+    def chunk(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        choices = []
+        for c in chunk.get("choices") or ():
+            index = c.get("index", 0)
+            last = c.get("finish_reason") is not None
+            delta = dict(c.get("delta") or {})
+            if "content" in delta or last:
+                text = self._feed((index, None), delta.get("content"), last)
+                if text is not None:
+                    delta["content"] = text
+            if delta.get("tool_calls"):
+                delta["tool_calls"] = [
+                    {**t, "function": {**t.get("function", {}), "arguments": self._feed(
+                        (index, t.get("index", 0)), (t.get("function") or {}).get("arguments"),
+                        False) or ""}} for t in delta["tool_calls"]]
+            if last:  # what the tool calls' streams still hold
+                for (i, t), _ in list(self.streams.items()):
+                    if i == index and t is not None:
+                        rest = self._feed((i, t), None, True)
+                        if rest:
+                            delta.setdefault("tool_calls", []).append(
+                                {"index": t, "function": {"arguments": rest}})
+            choices.append({**c, "delta": delta})
+        return [{**chunk, "choices": choices}] if chunk.get("choices") else [chunk]
 
 
 def _prompt_tokens(body: dict[str, Any]) -> int:

@@ -8,7 +8,8 @@ large, 429 with Retry-After for rate limits and budgets, 502/503 when providers 
 
 Callers authenticate with a virtual key (``corral keys create``), whose tenant, models, limits
 and budget apply, or with the master key, which may name the tenant in ``X-Corral-Tenant``.
-``X-Corral-Workflow``, ``X-Corral-Run`` and ``X-Corral-Agent`` label the call's cost;
+``X-Corral-Workflow``, ``X-Corral-Run``, ``X-Corral-Agent`` and ``X-Corral-Agent-Version``
+label the call (and name the agent the registry checks, with enforcement on);
 ``X-Corral-Cache: off`` skips the caches and ``X-Corral-Cache-Similarity`` raises the semantic
 cache's threshold for one request.
 """
@@ -90,7 +91,8 @@ def create_app(gateway: Gateway, *, master_key: str | None,
         headers = request.headers
         caller = Caller(workflow=headers.get("x-corral-workflow") or None,
                         run_id=headers.get("x-corral-run") or None,
-                        agent=headers.get("x-corral-agent") or None)
+                        agent=headers.get("x-corral-agent") or None,
+                        agent_version=headers.get("x-corral-agent-version") or None)
         header = headers.get("authorization", "")
         scheme, _, secret = header.partition(" ")
         if not header and open_door:

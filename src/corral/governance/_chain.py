@@ -1,0 +1,291 @@
+"""Governance in the two chains: around every model call (the gateway) and every tool call (the
+agent loop). One `Governance` per process, built from corral.toml's ``[governance]`` section:
+
+```toml
+[governance]
+policy = "policy.yaml"        # who may call which tool (resource type "tool", action "call")
+enforce_registry = true       # an agent not in the registry calls neither the gateway nor tools
+records = true                # a decision record for every model call, tool call, policy
+                              # decision and budget stop, in the shared database
+signing_key = "keys/decisions.pem"
+tenant = "default"            # the tenant of this process's own agents
+
+[governance.redaction]        # before anything leaves for a model
+mode = "pseudonymize"         # mask | hash | pseudonymize | off
+entities = ["EMAIL", "PHONE", "CREDIT_CARD", "IBAN", "US_SSN", "IP_ADDRESS", "SECRET"]
+hash_key_env = "CORRAL_REDACTION_KEY"   # mode = "hash": the HMAC secret
+```
+
+Model calls: the agent is checked against the registry; every message (and tool-call
+argument) is redacted before the provider sees it; with ``pseudonymize`` the placeholders in
+the answer are mapped back for the caller, so the originals never leave. Tool calls: the policy
+decides ``call`` on ``tool:NAME`` with the arguments as ``context.args``. Each step is recorded,
+redacted, in the decision log.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .._errors import UsageError
+from ..runtime import RetryPolicy, Step
+from ._pii import STRUCTURED_ENTITIES, Redactor, Vault
+from ._policy import Policy, Resource, Subject, load_policy
+from ._records import DecisionLog, DecisionRecord
+from ._registry import AgentIdentity, AgentRegistry, UnregisteredAgent
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RedactionSettings(_Strict):
+    mode: Literal["mask", "hash", "pseudonymize", "off"] = "off"
+    entities: list[str] = Field(default_factory=lambda: list(STRUCTURED_ENTITIES))
+    hash_key_env: str | None = None
+
+
+class GovernanceSettings(_Strict):
+    policy: str | None = None
+    enforce_registry: bool = False
+    records: bool = False
+    signing_key: str | None = None
+    tenant: str = "default"
+    redaction: RedactionSettings = RedactionSettings()
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The user an agent acts for: ``user:alice`` and what the policy may read about her."""
+
+    type: str
+    id: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+_acting_for: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "corral_acting_for", default=None)
+
+
+@contextmanager
+def acting_for(user: str, **attributes: Any) -> Iterator[Principal]:
+    """Agents run inside act for ``user`` (``"alice"`` or ``"user:alice"``): the policy checks
+    relationships for her, and records name her."""
+    kind, _, name = user.rpartition(":")
+    principal = Principal(kind or "user", name, attributes)
+    token = _acting_for.set(principal)
+    try:
+        yield principal
+    finally:
+        try:
+            _acting_for.reset(token)
+        except ValueError:  # (closed from another context: a run torn down mid-way)
+            pass
+
+
+def current_principal() -> Principal | None:
+    return _acting_for.get()
+
+
+class Governance:
+    """The links: registry, redaction, policy, records. Each is optional."""
+
+    def __init__(self, *, policy: Policy | None = None, registry: AgentRegistry | None = None,
+                 enforce_registry: bool = False, redactor: Redactor | None = None,
+                 log: DecisionLog | None = None, tenant: str = "default") -> None:
+        if enforce_registry and registry is None:
+            raise UsageError("enforce_registry needs a registry (the shared database)")
+        self.policy = policy
+        self.registry = registry
+        self.enforce_registry = enforce_registry
+        self.redactor = redactor
+        self.log = log
+        self.tenant = tenant
+
+    @classmethod
+    def from_config(cls, config: Config) -> Governance | None:
+        """The process's governance, or None when corral.toml has no [governance] section."""
+        section = (config.sections or {}).get("governance")
+        if section is None:
+            return None
+        try:
+            settings = GovernanceSettings.model_validate(section)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise UsageError(f"{config.source}: governance.{where}: {first['msg']}") from None
+        redaction = settings.redaction
+        redactor = None
+        if redaction.mode != "off":
+            key = None
+            if redaction.mode == "hash":
+                env = redaction.hash_key_env
+                key = os.environ.get(env) if env else None
+                if not key:
+                    raise UsageError("governance.redaction mode = \"hash\" needs hash_key_env, "
+                                     "naming a variable that holds a secret of 16+ bytes")
+            redactor = Redactor(redaction.entities, mode=redaction.mode,
+                                key=key.encode() if key else None)
+        registry = AgentRegistry(config.shared_db) if settings.enforce_registry else None
+        return cls(policy=load_policy(settings.policy) if settings.policy else None,
+                   registry=registry, enforce_registry=settings.enforce_registry,
+                   redactor=redactor, tenant=settings.tenant,
+                   log=DecisionLog.from_config(config) if settings.records else None)
+
+    async def close(self) -> None:
+        if self.log is not None:
+            await self.log.close()
+
+    # -- identity
+
+    def identify(self, tenant: str, agent: str | None, version: str | None
+                 ) -> AgentIdentity | None:
+        """The calling agent's registered identity; `UnregisteredAgent` with enforcement on
+        when it has none (or did not say who it is)."""
+        if not self.enforce_registry:
+            return None
+        assert self.registry is not None
+        if not agent:
+            raise UnregisteredAgent("the caller did not name its agent, and only registered "
+                                    "agents may call (send X-Corral-Agent and "
+                                    "X-Corral-Agent-Version)", tenant=tenant, name="",
+                                    version=version or "")
+        return self.registry.check(tenant, agent, version or "1")
+
+    # -- redaction (the model chain)
+
+    def redact_request(self, body: dict[str, Any]) -> tuple[dict[str, Any], Vault | None]:
+        """The request as the provider may see it, and the vault that maps it back."""
+        if self.redactor is None:
+            return body, None
+        vault = Vault() if self.redactor.mode == "pseudonymize" else None
+        messages = []
+        for m in body.get("messages") or ():
+            m = dict(m)
+            if isinstance(m.get("content"), str):
+                m["content"] = self.redactor.redact(m["content"], vault=vault).text
+            elif isinstance(m.get("content"), list):
+                m["content"] = self.redactor.redact_json(m["content"], vault=vault)
+            if m.get("tool_calls"):
+                m["tool_calls"] = [
+                    {**c, "function": {**c["function"], "arguments": self.redactor.redact(
+                        c["function"].get("arguments") or "", vault=vault).text}}
+                    for c in m["tool_calls"]]
+            messages.append(m)
+        redacted = {**body, "messages": messages}
+        if "input" in body:  # embeddings
+            redacted["input"] = self.redactor.redact_json(body["input"], vault=vault)
+        return redacted, vault
+
+    @staticmethod
+    def restore_answer(answer: dict[str, Any], vault: Vault | None) -> dict[str, Any]:
+        """The provider's answer with the caller's originals back in place of placeholders."""
+        if vault is None or not len(vault):
+            return answer
+        choices = []
+        for c in answer.get("choices") or ():
+            message = dict(c.get("message") or {})
+            if isinstance(message.get("content"), str):
+                message["content"] = vault.restore(message["content"])
+            if message.get("tool_calls"):
+                message["tool_calls"] = [
+                    {**t, "function": {**t["function"], "arguments": vault.restore(
+                        t["function"].get("arguments") or "")}}
+                    for t in message["tool_calls"]]
+            choices.append({**c, "message": message})
+        return {**answer, "choices": choices}
+
+    # -- the tool chain
+
+    def decide_tool(self, agent: str, version: str, roles: frozenset[str], tool: str,
+                    args: Any) -> tuple[str | None, dict[str, Any]]:
+        """Whether ``agent`` may call ``tool`` with ``args``: None or why not, and the record
+        of the decision. Pure: it reads the registry and the policy, and writes nothing."""
+        principal = current_principal()
+        acting = None if principal is None else f"{principal.type}:{principal.id}"
+        record: dict[str, Any] = {
+            "kind": "tool_call", "tenant": self.tenant, "agent": agent,
+            "agent_version": version, "acting_for": acting,
+            "inputs": {"tool": tool, "args": self.redact_json(args)}, "decision": "allow"}
+        try:
+            self.identify(self.tenant, agent, version)
+        except UnregisteredAgent as exc:
+            record.update(kind="policy_decision", decision="deny", rule="registry")
+            return f"not allowed: {exc}", record
+        if self.policy is not None:
+            subject = Subject("agent", agent, roles, {"version": version}, None if principal
+                              is None else Subject(principal.type, principal.id,
+                                                   attributes=principal.attributes))
+            decision = self.policy.authorize(subject, "call", Resource("tool", tool),
+                                             {"args": args, "tenant": self.tenant})
+            record.update(kind="policy_decision", rule=decision.rule,
+                          decision="allow" if decision.allowed else "deny")
+            if not decision.allowed:
+                return f"not allowed by policy: {decision.reason}", record
+        return None, record
+
+    async def tool_gate(self, agent: str, version: str, roles: frozenset[str], tool: str,
+                        call_id: str, arguments: str) -> str | None:
+        """The tool chain's governance: the decision (None: go on; else why not, for the
+        model), recorded once by a journaled step, so a replay does not record it again."""
+        try:
+            args = json.loads(arguments or "{}")
+        except ValueError:
+            args = arguments
+        denied, record = self.decide_tool(agent, version, roles, tool, args)
+        if self.log is not None:
+            await record_decision(record)
+        return denied
+
+    # -- records
+
+    def redact_json(self, value: Any) -> Any:
+        return value if self.redactor is None else self.redactor.redact_json(value)
+
+    def record(self, record: DecisionRecord) -> None:
+        if self.log is not None:
+            self.log.append(record)
+
+
+_installed: Governance | None = None
+_loaded = False
+
+
+def install(governance: Governance | None) -> None:
+    """Make ``governance`` this process's (None: none)."""
+    global _installed, _loaded
+    _installed, _loaded = governance, True
+
+
+def installed() -> Governance | None:
+    """The process's governance: the installed one, or the first use builds it from
+    corral.toml's [governance] section (None without one)."""
+    global _installed, _loaded
+    if not _loaded:
+        from ..config import load_config
+
+        _installed, _loaded = Governance.from_config(load_config()), True
+    return _installed
+
+
+async def _append(record: dict[str, Any]) -> str:
+    governance = installed()
+    if governance is None or governance.log is None:
+        return ""
+    return governance.log.append(DecisionRecord(**record))
+
+
+record_decision: Step[Any, str] = Step(_append, name="corral.governance:record",
+                                     retry=RetryPolicy(max_attempts=3), timeout=30)
+"""Append a decision record, once per run: a journaled step."""
