@@ -14,15 +14,15 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "gateway"))
-from _servers import Upstream  # noqa: E402
+from _servers import Upstream
 
-import corral  # noqa: E402
-from corral.agents import ModelRequest, ModelResponse, ToolCall, Usage  # noqa: E402
-from corral.gateway import Caller, Gateway, GatewayError, parse_gateway  # noqa: E402
-from corral.governance import DecisionLog, Redactor, parse_policy  # noqa: E402
-from corral.governance._chain import Governance, acting_for, install  # noqa: E402
-from corral.governance._registry import AgentRegistry  # noqa: E402
-from corral.stores._migrations import upgrade  # noqa: E402
+import corral
+from corral.agents import ModelRequest, ModelResponse, ToolCall, Usage
+from corral.gateway import Caller, Gateway, GatewayError, parse_gateway
+from corral.governance import DecisionLog, Redactor, parse_policy
+from corral.governance._chain import Governance, acting_for, install
+from corral.governance._registry import AgentRegistry
+from corral.stores._migrations import upgrade
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ import contextvars
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -88,10 +88,8 @@ def acting_for(user: str, **attributes: Any) -> Iterator[Principal]:
     try:
         yield principal
     finally:
-        try:
+        with suppress(ValueError):  # (closed from another context: a run torn down mid-way)
             _acting_for.reset(token)
-        except ValueError:  # (closed from another context: a run torn down mid-way)
-            pass
 
 
 def current_principal() -> Principal | None:
