@@ -217,3 +217,120 @@ async def test_an_unregistered_agent_calls_no_tool(runtime: Any, shared: str) ->
     finally:
         install(None)
     assert tool_runs == {} and "is not registered" in output
+
+
+@corral.tool(resource="accounts/{account}")
+async def read_account(account: str) -> str:
+    """Read an account."""
+    tool_runs[f"read {account}"] += 1
+    return f"account {account}"
+
+
+class ReaderModel:
+    """Reads accounts 42 and 43, then reports what came back."""
+
+    name = "reader"
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        results = [m for m in request.messages if m.role == "tool"]
+        if results:
+            return ModelResponse(model=self.name, content=" | ".join(str(m.content)
+                                                                    for m in results))
+        return ModelResponse(model=self.name, tool_calls=[
+            ToolCall(id=f"r{n}", name="read_account", arguments=f'{{"account": "{n}"}}')
+            for n in (42, 43)])
+
+
+reader = corral.Agent("reader", instructions="read", model=ReaderModel(), tools=[read_account])
+
+
+class SupervisorModel:
+    name = "boss"
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        results = [m for m in request.messages if m.role == "tool"]
+        if results:
+            return ModelResponse(model=self.name, content=str(results[0].content))
+        return ModelResponse(model=self.name, tool_calls=[
+            ToolCall(id="d1", name="reader", arguments='{"task": "read them"}')])
+
+
+def supervisor(scopes: tuple[str, ...]) -> corral.Agent[str]:
+    return corral.Agent("boss", instructions="delegate", model=SupervisorModel(),
+                        tools=[reader.as_tool(scopes=scopes)])
+
+
+async def test_tool_calls_need_a_capability_token_that_allows_them(shared: str) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from corral.governance._chain import capability
+    from corral.governance._tokens import Scope, TokenIssuer
+
+    key = Ed25519PrivateKey.generate()
+    issuer = TokenIssuer(key)
+    log = DecisionLog(shared)
+    install(Governance(capability_keys=[key.public_key()], log=log))
+    tool_runs.clear()
+    try:
+        no_token = (await reader.run("go")).output
+        assert no_token.count("needs a capability token") == 2 and not tool_runs
+        only_42 = issuer.issue("reader@1", "acme", [Scope.parse("read_account:accounts/42:call")])
+        with capability(only_42):
+            output = (await reader.run("go")).output
+        assert "account 42" in output and "out of scope" in output
+        assert tool_runs == {"read 42": 1}
+        # a supervisor holding accounts/* hands its specialist accounts/43 only
+        wide = issuer.issue("boss@1", "acme", [Scope.parse("*:accounts/*:call"),
+                                               Scope.parse("reader:*:call")])
+        tool_runs.clear()
+        with capability(wide):
+            output = (await supervisor(("read_account:accounts/43:call",)).run("go")).output
+        assert "account 43" in output and "out of scope" in output
+        assert tool_runs == {"read 43": 1}
+        narrow_boss = issuer.issue("boss@1", "acme", [
+            Scope.parse("reader:*:call"), Scope.parse("read_account:accounts/42:call")])
+        with capability(narrow_boss):  # handing on more than it holds: refused
+            output = (await supervisor(("read_account:accounts/*:call",)).run("go")).output
+        assert "widened" in output
+    finally:
+        install(None)
+        await log.close()
+    rules = Counter((r["decision"], r["rule"]) for r in records(shared))
+    assert rules == {("deny", "capability"): 4, ("allow", "capability"): 4}
+
+
+async def test_a_humans_signal_is_recorded(runtime: Any, shared: str) -> None:
+    install(Governance(log=DecisionLog(shared)))
+    try:
+        async with runtime() as rt:
+            handle = await rt.start(waits_for_approval, "x")
+            await rt.signal(handle.id, "approval", {"approved": True, "by": "bob@example.com"})
+            assert await handle.result(timeout=30) == {"approved": True,
+                                                       "by": "bob@example.com"}
+    finally:
+        install(None)
+    [record] = records(shared)
+    assert record["kind"] == "human_override" and record["decision"] == "signal:approval"
+    assert record["run_id"] == handle.id and record["acting_for"].startswith("user:")
+
+
+@corral.workflow
+async def waits_for_approval(ctx: corral.Context, item: str) -> Any:
+    return await ctx.wait_for("approval")
+
+
+def test_corral_logs_are_redacted(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from corral.governance._chain import redact_logs
+
+    redact_logs(Redactor(mode="pseudonymize"))
+    try:
+        with caplog.at_level(logging.INFO):
+            logging.getLogger("corral.gateway").info("refund for %s", "jane.doe@example.com")
+            logging.getLogger("elsewhere").info("not ours: %s", "jane.doe@example.com")
+    finally:
+        redact_logs(None)
+    ours, theirs = caplog.records[-2:]
+    assert ours.getMessage() == "refund for <EMAIL>"
+    assert theirs.getMessage() == "not ours: jane.doe@example.com"

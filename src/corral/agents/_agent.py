@@ -309,11 +309,14 @@ class Agent(Generic[O]):
         ]
         return [t.spec() for t in self.tools.values()] + handoffs
 
-    def as_tool(self, *, name: str | None = None, description: str | None = None) -> Tool:
+    def as_tool(self, *, name: str | None = None, description: str | None = None,
+                scopes: list[str] | tuple[str, ...] = ()) -> Tool:
         """This agent as a tool of another (supervisor -> specialist). Inside a workflow its
-        model and tool calls are journaled steps of their own, like the supervisor's."""
+        model and tool calls are journaled steps of their own, like the supervisor's.
+        ``scopes`` (``"tool:resource:actions"``) narrow the capability token the supervisor
+        holds to what the specialist gets: never wider."""
         return AgentTool(self, name=name or self.name,
-                         description=description or self.description)
+                         description=description or self.description, scopes=scopes)
 
     def _parse(self, text: str) -> O:
         if self.output_type is str:
@@ -339,7 +342,7 @@ class Agent(Generic[O]):
         gate = governance()
         if gate is not None:  # the tool chain: registry, policy, a decision record
             denied = await gate.tool_gate(self.name, self.version, self.roles, call.name,
-                                          call.id, call.arguments)
+                                          call.id, call.arguments, found.resource)
             if denied is not None:
                 return ToolResult(call_id=call.id, name=call.name, failure=ToolFailure(
                     kind="denied", retryable=False, message=denied))
@@ -397,7 +400,8 @@ def _first(exc: ValidationError) -> str:
 class AgentTool(Tool):
     """An agent exposed as a tool: the model gives it a task, it answers with its output."""
 
-    def __init__(self, agent: Agent[Any], *, name: str, description: str) -> None:
+    def __init__(self, agent: Agent[Any], *, name: str, description: str,
+                 scopes: list[str] | tuple[str, ...] = ()) -> None:
         async def delegate(task: str) -> Any:
             """The task for the specialist, with everything it needs to know."""
             raise AssertionError("delegated through AgentTool.delegate")
@@ -405,6 +409,7 @@ class AgentTool(Tool):
         delegate.__doc__ = f"{description}\n\nArgs:\n    task: what {agent.name} should do"
         super().__init__(delegate, name=name, timeout=None, retries=0)
         self.agent = agent
+        self.scopes = tuple(scopes)
 
     async def delegate(self, call: ToolCall) -> ToolResult:
         """Run the specialist in the caller's workflow scope, so its calls are journaled."""
@@ -415,8 +420,15 @@ class AgentTool(Tool):
                 kind="invalid_arguments", retryable=False,
                 message=f"{self.name} takes one argument, task: a string",
             ))
+        from ..governance._chain import narrowed
+        from ..governance._tokens import TokenRejected
+
         try:
-            result = await self.agent.run(task)
+            with narrowed(self.scopes):
+                result = await self.agent.run(task)
+        except TokenRejected as exc:
+            return ToolResult(call_id=call.id, name=self.name, failure=ToolFailure(
+                kind="denied", retryable=False, message=f"{self.name}: {exc}"))
         except (UsageLimitExceeded, LoopDetected, OutputInvalid) as exc:
             if exc.fields.get("scope") == "run":  # the run's budget: the whole run stops
                 raise

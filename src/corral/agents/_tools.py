@@ -93,9 +93,12 @@ class Tool:
 
     def __init__(self, fn: Callable[..., Any], *, name: str | None = None,
                  timeout: float | None = 30.0, retries: int = 2,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None, resource: str | None = None) -> None:
         self.fn = fn
         self.name = name or fn.__name__
+        self.resource = resource
+        """What a call acts on, for capability tokens: a template over the arguments
+        (``accounts/{account}``); without one, the tool's name."""
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.name):
             raise UsageError(f"tool name {self.name!r} must be 1-64 letters, digits, _ or -")
         self.timeout = timeout
@@ -216,15 +219,18 @@ def _jsonable(value: Any) -> Any:
 
 
 def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None,
-         timeout: float | None = 30.0, retries: int = 2, retry: RetryPolicy | None = None) -> Any:
+         timeout: float | None = 30.0, retries: int = 2, retry: RetryPolicy | None = None,
+         resource: str | None = None) -> Any:
     """Make a function a tool. Its type hints and docstring are the schema a model sees.
 
     ``timeout`` bounds each attempt; failures a retry may fix (timeouts, HTTP 5xx and 429,
     connection errors, ``ToolError(retryable=True)``) are retried ``retries`` times with backoff
-    (or per ``retry``) before the model hears of them.
+    (or per ``retry``) before the model hears of them. ``resource`` names what a call acts
+    on, from its arguments (``"accounts/{account}"``), for capability tokens.
     """
 
     def wrap(f: Callable[..., Any]) -> Tool:
-        return Tool(f, name=name, timeout=timeout, retries=retries, retry=retry)
+        return Tool(f, name=name, timeout=timeout, retries=retries, retry=retry,
+                    resource=resource)
 
     return wrap(fn) if fn is not None else wrap

@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import contextvars
 import json
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .._errors import UsageError
@@ -41,6 +44,7 @@ from ._pii import STRUCTURED_ENTITIES, Redactor, Vault
 from ._policy import Policy, Resource, Subject, load_policy
 from ._records import DecisionLog, DecisionRecord
 from ._registry import AgentIdentity, AgentRegistry, UnregisteredAgent
+from ._tokens import RevocationList, TokenRejected, verify
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -56,8 +60,17 @@ class RedactionSettings(_Strict):
     hash_key_env: str | None = None
 
 
+class CapabilitySettings(_Strict):
+    public_keys: list[str] = Field(min_length=1)
+    """PEM files of the issuers' Ed25519 public keys (several while keys rotate)."""
+    revocations: bool = True
+    """Check revoked tokens in the shared database."""
+
+
 class GovernanceSettings(_Strict):
     policy: str | None = None
+    capabilities: CapabilitySettings | None = None
+    """Every tool call needs a capability token that allows it."""
     enforce_registry: bool = False
     records: bool = False
     signing_key: str | None = None
@@ -76,6 +89,19 @@ class Principal:
 
 _acting_for: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "corral_acting_for", default=None)
+_capability: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "corral_capability", default=None)
+
+
+@contextmanager
+def capability(token: str) -> Iterator[str]:
+    """Tool calls made inside present ``token`` (a capability token, see `_tokens`)."""
+    reset = _capability.set(token)
+    try:
+        yield token
+    finally:
+        with suppress(ValueError):
+            _capability.reset(reset)
 
 
 @contextmanager
@@ -92,6 +118,25 @@ def acting_for(user: str, **attributes: Any) -> Iterator[Principal]:
             _acting_for.reset(token)
 
 
+@contextmanager
+def narrowed(scopes: tuple[str, ...] | list[str]) -> Iterator[str | None]:
+    """Inside, the capability token in force is attenuated to ``scopes`` (a specialist gets a
+    narrower token than its supervisor, never a wider one); no scopes: unchanged."""
+    token = _capability.get()
+    if not scopes or token is None:
+        yield token
+        return
+    from ._tokens import Scope, attenuate
+
+    try:
+        narrow = attenuate(token, scopes=[Scope.parse(s) for s in scopes])
+    except UsageError as exc:  # (asks for more than the token allows)
+        raise TokenRejected(f"capability token rejected (widened): {exc}",
+                            reason="widened") from None
+    with capability(narrow):
+        yield narrow
+
+
 def current_principal() -> Principal | None:
     return _acting_for.get()
 
@@ -101,7 +146,9 @@ class Governance:
 
     def __init__(self, *, policy: Policy | None = None, registry: AgentRegistry | None = None,
                  enforce_registry: bool = False, redactor: Redactor | None = None,
-                 log: DecisionLog | None = None, tenant: str = "default") -> None:
+                 log: DecisionLog | None = None, tenant: str = "default",
+                 capability_keys: list[Ed25519PublicKey] | None = None,
+                 revocations: Container[str] = frozenset()) -> None:
         if enforce_registry and registry is None:
             raise UsageError("enforce_registry needs a registry (the shared database)")
         self.policy = policy
@@ -110,6 +157,8 @@ class Governance:
         self.redactor = redactor
         self.log = log
         self.tenant = tenant
+        self.capability_keys = capability_keys
+        self.revocations = revocations
 
     @classmethod
     def from_config(cls, config: Config) -> Governance | None:
@@ -136,10 +185,17 @@ class Governance:
             redactor = Redactor(redaction.entities, mode=redaction.mode,
                                 key=key.encode() if key else None)
         registry = AgentRegistry(config.shared_db) if settings.enforce_registry else None
+        keys, revoked = None, frozenset[str]()
+        if settings.capabilities is not None:
+            keys = [_public_key(path) for path in settings.capabilities.public_keys]
+            if settings.capabilities.revocations:
+                revoked = RevocationList(config.shared_db)  # type: ignore[assignment]
+        redact_logs(redactor)
         return cls(policy=load_policy(settings.policy) if settings.policy else None,
                    registry=registry, enforce_registry=settings.enforce_registry,
                    redactor=redactor, tenant=settings.tenant,
-                   log=DecisionLog.from_config(config) if settings.records else None)
+                   log=DecisionLog.from_config(config) if settings.records else None,
+                   capability_keys=keys, revocations=revoked)
 
     async def close(self) -> None:
         if self.log is not None:
@@ -207,7 +263,7 @@ class Governance:
     # -- the tool chain
 
     def decide_tool(self, agent: str, version: str, roles: frozenset[str], tool: str,
-                    args: Any) -> tuple[str | None, dict[str, Any]]:
+                    args: Any, resource: str | None = None) -> tuple[str | None, dict[str, Any]]:
         """Whether ``agent`` may call ``tool`` with ``args``: None or why not, and the record
         of the decision. Pure: it reads the registry and the policy, and writes nothing."""
         principal = current_principal()
@@ -221,6 +277,12 @@ class Governance:
         except UnregisteredAgent as exc:
             record.update(kind="policy_decision", decision="deny", rule="registry")
             return f"not allowed: {exc}", record
+        if self.capability_keys is not None:
+            refused = self._capability(tool, args, resource)
+            if refused is not None:
+                record.update(kind="policy_decision", decision="deny", rule="capability")
+                return refused, record
+            record["rule"] = "capability"
         if self.policy is not None:
             subject = Subject("agent", agent, roles, {"version": version}, None if principal
                               is None else Subject(principal.type, principal.id,
@@ -233,18 +295,51 @@ class Governance:
                 return f"not allowed by policy: {decision.reason}", record
         return None, record
 
+    def _capability(self, tool: str, args: Any, template: str | None) -> str | None:
+        """Why the capability token in force does not allow this call (None: it does)."""
+        token = _capability.get()
+        if token is None:
+            return (f"not allowed: calling {tool} needs a capability token (run it inside "
+                    "corral.governance.capability(token))")
+        try:
+            resource = template.format(**args) if template else tool
+        except (KeyError, IndexError, AttributeError, TypeError, ValueError):
+            return f"not allowed: the arguments do not name the resource {template!r}"
+        assert self.capability_keys is not None
+        try:
+            verify(token, self.capability_keys, tool, resource, "call",
+                   revoked=self.revocations)
+        except TokenRejected as exc:
+            return f"not allowed: the capability token was rejected ({exc})"
+        except UsageError as exc:
+            return f"not allowed: {exc}"
+        return None
+
     async def tool_gate(self, agent: str, version: str, roles: frozenset[str], tool: str,
-                        call_id: str, arguments: str) -> str | None:
+                        call_id: str, arguments: str, resource: str | None = None
+                        ) -> str | None:
         """The tool chain's governance: the decision (None: go on; else why not, for the
         model), recorded once by a journaled step, so a replay does not record it again."""
         try:
             args = json.loads(arguments or "{}")
         except ValueError:
             args = arguments
-        denied, record = self.decide_tool(agent, version, roles, tool, args)
+        denied, record = self.decide_tool(agent, version, roles, tool, args, resource)
         if self.log is not None:
             await record_decision(record)
         return denied
+
+    # -- human overrides
+
+    async def override(self, run_id: str, what: str, value: Any = None) -> None:
+        """A human acted on a run (a signal: an approval, an escalation's answer; a cancel):
+        recorded and committed before the call returns, so the override is never lost."""
+        if self.log is None:
+            return
+        self.log.append(DecisionRecord(
+            kind="human_override", tenant=self.tenant, run_id=run_id, decision=what,
+            acting_for=f"user:{_operator()}", inputs=self.redact_json(value)))
+        await self.log.flush()
 
     # -- records
 
@@ -254,6 +349,60 @@ class Governance:
     def record(self, record: DecisionRecord) -> None:
         if self.log is not None:
             self.log.append(record)
+
+
+def redact_logs(redactor: Redactor | None) -> None:
+    """corral's log records (loggers ``corral.*``) are redacted as they are made, before any
+    handler writes them (None: no longer)."""
+    global _log_redactor, _log_factory
+    if not _log_factory and redactor is not None:
+        _log_factory = True
+        make = logging.getLogRecordFactory()
+
+        def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = make(*args, **kwargs)
+            active = _log_redactor
+            if active is not None and record.name.startswith("corral"):
+                record.msg = active.redact(record.getMessage()).text
+                record.args = None
+            return record
+
+        logging.setLogRecordFactory(factory)
+    _log_redactor = redactor if redactor is None or redactor.mode != "pseudonymize" \
+        else Redactor(redactor.entities, mode="mask")  # (a log has no vault to restore from)
+
+
+_log_redactor: Redactor | None = None
+_log_factory = False
+
+
+def _public_key(path: str) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        key = load_pem_public_key(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"governance.capabilities: cannot read the public key {path} "
+                         f"({exc}); give a PEM file of an Ed25519 public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise UsageError(f"governance.capabilities: {path} is not an Ed25519 public key")
+    return key
+
+
+def _operator() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # (no user name in this environment)
+        return "unknown"
+
+
+async def overridden(run_id: str, what: str, value: Any = None) -> None:
+    """Record a human override with the process's governance, if it records decisions."""
+    governance = installed()
+    if governance is not None:
+        await governance.override(run_id, what, value)
 
 
 _installed: Governance | None = None

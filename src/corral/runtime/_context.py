@@ -276,3 +276,10 @@ def run_result(run_id: str, status: str, result: str | None, error: dict[str, An
 
 def utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
+
+
+async def note_override(run_id: str, what: str, value: Any = None) -> None:
+    """A human's signal or cancel, for the decision log (when governance records them)."""
+    from ..governance._chain import overridden
+
+    await overridden(run_id, what, value)

@@ -58,6 +58,7 @@ from ._context import (
     _Scope,
     child_value,
     non_determinism,
+    note_override,
     run_result,
     signal_value,
     start_time,
@@ -833,11 +834,13 @@ class Runtime:
         await self._call(self.store.send_signal, run_id, name, dumps(value).decode(),
                          time.time())
         self._wake.set()
+        await note_override(run_id, f"signal:{name}", value)
 
     async def cancel(self, run_id: str) -> None:
         """Ask a run (and its children) to stop; it is cancelled at its next durable operation."""
         await self._call(self.store.request_cancel, run_id, time.time())
         self._wake.set()
+        await note_override(run_id, "cancel")
 
     async def _outcome(self, run_id: str, fresh: bool) -> Outcome:
         """Wait for a run to finish: told at once when it ends here, polled when elsewhere."""

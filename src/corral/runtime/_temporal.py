@@ -60,6 +60,7 @@ from ._context import (
     child_context,
     child_value,
     non_determinism,
+    note_override,
     run_result,
     signal_value,
     start_time,
@@ -845,6 +846,7 @@ class TemporalRuntime:
             await self._workflow(run_id).signal(name, to_jsonable_python(value))
         except RPCError as exc:
             raise await self._closed(run_id, exc, "signals") from None
+        await note_override(run_id, f"signal:{name}", value)
 
     async def cancel(self, run_id: str) -> None:
         record = await self.get(run_id)
@@ -855,6 +857,7 @@ class TemporalRuntime:
             await self._workflow(run_id).cancel()
         except RPCError as exc:
             raise await self._closed(run_id, exc, "cancel requests") from None
+        await note_override(run_id, "cancel")
 
     async def _closed(self, run_id: str, exc: RPCError, what: str) -> Exception:
         """Temporal says NOT_FOUND for a run that has finished too: tell the two apart."""
