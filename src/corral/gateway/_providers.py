@@ -59,22 +59,26 @@ class OpenAIProvider:
             retry_after=_retry_after(response.headers),
         )
 
-    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post(self, path: str, body: dict[str, Any]) -> tuple[Any, str]:
+        """The JSON the deployment answered (None if it is not JSON), and its text."""
         try:
-            response = await self._client.post("/chat/completions", json=body)
+            response = await self._client.post(path, json=body)
         except httpx.HTTPError as exc:
             raise UpstreamError(f"{self.deployment.name}: {type(exc).__name__}: {exc}") from None
         if response.status_code >= 400:
             raise self._failed(response, response.text)
         try:
-            data = response.json()
+            return response.json(), response.text
         except ValueError:
-            data = None
+            return None, response.text
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        data, text = await self._post("/chat/completions", body)
         choices = data.get("choices") if isinstance(data, dict) else None
         if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)
                 and isinstance(choices[0].get("message"), dict)):
             raise UpstreamError(f"{self.deployment.name} answered what is not a chat "
-                                f"completion: {response.text[:200]!r}")
+                                f"completion: {text[:200]!r}")
         assert isinstance(data, dict)
         return data
 
@@ -108,19 +112,10 @@ class OpenAIProvider:
         raise UpstreamError(f"{self.deployment.name}: the stream ended before [DONE]")
 
     async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            response = await self._client.post("/embeddings", json=body)
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"{self.deployment.name}: {type(exc).__name__}: {exc}") from None
-        if response.status_code >= 400:
-            raise self._failed(response, response.text)
-        try:
-            data = response.json()
-        except ValueError:
-            data = None
+        data, text = await self._post("/embeddings", body)
         if not (isinstance(data, dict) and isinstance(data.get("data"), list)):
             raise UpstreamError(f"{self.deployment.name} answered what are not embeddings: "
-                                f"{response.text[:200]!r}")
+                                f"{text[:200]!r}")
         return data
 
     async def close(self) -> None:
