@@ -44,6 +44,13 @@ bench: $(VENV)/.bench
 	$(BIN)/python bench/journal_growth.py
 	$(BIN)/python bench/scale_out.py
 	$(BIN)/python bench/gateway_inprocess.py
+	command -v nginx >/dev/null && command -v wrk >/dev/null || apt-get install -y nginx wrk
+	$(BIN)/python bench/gateway_overhead.py --install-litellm
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/semantic_cache.py
+	$(BIN)/python bench/governance.py
+	$(BIN)/python bench/decision_log.py
+	$(BIN)/python bench/tokens.py
+	$(BIN)/python bench/pii.py
 	$(BIN)/python bench/peers/langgraph_throughput.py
 	$(BIN)/python bench/peers/langgraph_journal_growth.py
 

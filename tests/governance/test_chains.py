@@ -71,7 +71,9 @@ async def test_nothing_personal_leaves_and_the_caller_gets_it_back(upstream: Ups
     log = DecisionLog(shared)
     gw = gateway(upstream, Governance(redactor=Redactor(mode="pseudonymize"), log=log))
     try:
-        answer = await gw.chat(ask(SECRET), Caller(tenant="acme", agent="support"))
+        answer = await gw.chat({"model": "ok", "messages": [
+            {"role": "system", "content": "You help with refunds."},
+            {"role": "user", "content": SECRET}]}, Caller(tenant="acme", agent="support"))
         sent = upstream.bodies[-1]["messages"][-1]["content"]
         for original in ("jane.doe@example.com", "7946 0958", "4111 1111 1111 1111"):
             assert original not in sent
@@ -88,6 +90,8 @@ async def test_nothing_personal_leaves_and_the_caller_gets_it_back(upstream: Ups
     kept = records(shared)
     assert [r["kind"] for r in kept] == ["model_call", "model_call"]
     assert kept[0]["tenant"] == "acme" and kept[0]["agent"] == "support"
+    assert kept[0]["prompt"] == "You help with refunds." and len(kept[0]["prompt_version"]) == 12
+    assert kept[1]["prompt"] is None  # (no system message)
     assert "jane.doe" not in str(kept)  # records hold what the provider saw: redacted
     assert DecisionLog(shared).verify().ok
 

@@ -12,6 +12,7 @@ skipped at once for ``breaker.cooldown`` seconds, then one probe request may try
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -292,9 +293,15 @@ class Gateway:
             return
         from ..governance._records import DecisionRecord
 
+        prompt = next((m.get("content") for m in inputs or () if isinstance(m, dict)
+                       and m.get("role") in ("system", "developer")), None)
+        version = None  # the prompt's version: its content's hash, so any edit is a new one
+        if isinstance(prompt, str):
+            version = hashlib.blake2b(prompt.encode(), digest_size=6).hexdigest()
         gov.record(DecisionRecord(
             kind=kind, tenant=caller.tenant, agent=caller.agent,  # type: ignore[arg-type]
             agent_version=caller.agent_version, model=model, inputs=inputs, outputs=outputs,
+            prompt=prompt if isinstance(prompt, str) else None, prompt_version=version,
             decision=decision, rule=rule, run_id=caller.run_id))
 
     async def _cached(self, body: dict[str, Any], caller: Caller,
