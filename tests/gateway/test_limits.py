@@ -23,10 +23,9 @@ def gateway(upstream: Upstream, redis_url: str | None = None, ledger: Ledger | N
             **extra: Any) -> Gateway:
     config = parse_gateway({
         "allow_unauthenticated": True,
-        "deployments": [{"name": n, "provider": "openai", "model": n, "base_url": upstream.url}
-                        for n in ("ok", "slow")],
-        "prices": {"slow": {"input": 1000.0, "output": 1000.0},
-                   "ok": {"input": 1000.0, "output": 1000.0}},
+        "deployments": [{"name": n, "provider": "openai", "model": n, "base_url": upstream.url,
+                         "max_connections": 200} for n in ("ok", "slow", "cut")],
+        "prices": {n: {"input": 1000.0, "output": 1000.0} for n in ("ok", "slow", "cut")},
         "counters": "redis" if redis_url else "memory", **extra})
     return Gateway(config, ledger, redis=redis_url)
 
@@ -192,3 +191,33 @@ def test_two_gateway_processes_enforce_one_limit_through_redis(
     finally:
         one.stop()
         two.stop()
+
+
+async def test_a_stream_cut_before_its_usage_is_charged_what_was_reserved(
+        upstream: Upstream) -> None:
+    """The cut stream never reports its usage: it costs its reservation (8 tokens at $1,000
+    per million: $0.008), not nothing, or cutting streams would spend past any budget."""
+    gw = gateway(upstream, budgets=[{"scope": "run", "limit": 0.02, "period": "total"}])
+    caller = Caller(run_id=f"cut-{uuid.uuid4().hex}")
+    try:
+        for _ in range(2):
+            with pytest.raises(GatewayError, match="cut off"):
+                [c async for c in gw.stream(ask("cut", "x" * 3, max_tokens=3), caller)]
+        with pytest.raises(GatewayError, match="budget exhausted"):
+            [c async for c in gw.stream(ask("cut", "x" * 3, max_tokens=3), caller)]
+    finally:
+        await gw.close()
+
+
+async def test_tokens_per_minute_charge_a_prompt_larger_than_the_limit_in_full(
+        upstream: Upstream) -> None:
+    gw = gateway(upstream, rate_limits={"model": {"tpm": 4}})  # each call really uses 8
+    try:
+        await gw.chat(ask())  # admitted on a full bucket, then charged all 8: now in debt
+        with pytest.raises(GatewayError) as refused:
+            await gw.chat(ask())
+        # the bucket owes 4 (8 used, 4 taken at admission) and the next call needs 4 more:
+        # (4 + 4) * 60 / 4 = 120 s; settling against the unclamped estimate would give 105
+        assert (refused.value.retry_after or 0) > 117
+    finally:
+        await gw.close()

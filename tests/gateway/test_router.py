@@ -126,3 +126,18 @@ async def test_a_probe_whose_caller_leaves_does_not_shut_the_deployment_out(
         with pytest.raises(asyncio.CancelledError):
             await call
     await gateway.close()
+
+
+async def test_a_request_the_provider_refuses_does_not_open_the_breaker() -> None:
+    gw = Gateway(parse_gateway({
+        "allow_unauthenticated": True, "breaker": {"failures": 1, "cooldown": 60},
+        "deployments": [{"name": "sim", "provider": "simulator", "model": "sim"}]}))
+    try:
+        for _ in range(3):  # the caller's fault (400), not the deployment's
+            with pytest.raises(GatewayError) as refused:
+                await gw.chat({"model": "sim", "messages": [{"role": "user", "content": 5}]})
+            assert refused.value.status == 400
+        answer = await gw.chat(body("sim"))
+        assert answer["choices"][0]["message"]["content"]
+    finally:
+        await gw.close()

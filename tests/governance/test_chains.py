@@ -101,7 +101,8 @@ async def test_only_registered_agents_call_the_gateway(upstream: Upstream, share
     registry.register(tenant="acme", name="support", version="2", owner="cx-team")
     log = DecisionLog(shared)
     gw = gateway(upstream, Governance(registry=registry, enforce_registry=True, log=log),
-                 budgets=[{"scope": "tenant", "limit": 0.02, "period": "day"}])
+                 budgets=[{"scope": "tenant", "limit": 0.02, "period": "day"}],
+                 cache={"exact": True})
     try:
         ok = await gw.chat(ask("hi", max_tokens=3),
                            Caller(tenant="acme", agent="support", agent_version="2"))
@@ -114,13 +115,15 @@ async def test_only_registered_agents_call_the_gateway(upstream: Upstream, share
                 await gw.chat(ask("hi"), shadow)
             assert (refused.value.status, refused.value.code) == (403, "agent_not_registered")
         registered = Caller(tenant="acme", agent="support", agent_version="2")
-        await gw.chat(ask("hi", max_tokens=3), registered)  # $0.016 of $0.02
+        with pytest.raises(GatewayError, match="registered"):  # streamed: checked too
+            [c async for c in gw.stream(ask("hi", stream=True), Caller(tenant="acme"))]
+        await gw.chat(ask("hi 2", max_tokens=3), registered)  # $0.016 of $0.02
         with pytest.raises(GatewayError, match="budget exhausted"):
-            await gw.chat(ask("hi", max_tokens=3), registered)
+            await gw.chat(ask("hi 3", max_tokens=3), registered)
     finally:
         await gw.close()
     kinds = Counter((r["kind"], r["decision"]) for r in records(shared))
-    assert kinds == {("model_call", "stop"): 2, ("policy_decision", "deny"): 4,
+    assert kinds == {("model_call", "stop"): 2, ("policy_decision", "deny"): 5,
                      ("budget_stop", "stop"): 1}
 
 

@@ -250,3 +250,47 @@ def test_a_filter_is_parameterized_never_spliced(policy: Policy) -> None:
     assert conn.execute(f"SELECT id FROM accounts WHERE {where}", params).fetchall() == []
     with pytest.raises(Exception, match="not a plain column name"):
         policy.row_filter(evil, "read", "account").to_sql({"region": "region; DROP TABLE x"})
+
+
+def test_groups_in_groups_and_cycles_terminate() -> None:
+    p = parse_policy("types:\n  team:\n    member: [user, team#member]\n"
+                     "  doc:\n    viewer: [team#member]\n")
+    rel = p.relationships
+    rel.add("team:a", "member", "team:b#member")
+    rel.add("team:b", "member", "team:c#member")
+    rel.add("team:c", "member", "team:a#member")  # a cycle
+    rel.add("team:c", "member", "user:zoe")
+    rel.add("doc:d", "viewer", "team:a#member")
+    assert p.check("doc:d", "viewer", "user:zoe")
+    assert not p.check("doc:d", "viewer", "user:nobody")
+    assert p.lookup("team", "member", "user:zoe") == {"team:a", "team:b", "team:c"}
+    assert p.lookup("doc", "viewer", "user:zoe") == {"doc:d"}
+
+
+def test_nulls_and_single_values_mean_the_same_in_sql_and_authorize() -> None:
+    p = parse_policy("""
+rules:
+  - id: mine
+    allow: [read]
+    on: account
+    when: {resource.region: {in: principal.regions}}
+  - id: hidden
+    deny: [read]
+    on: account
+    when: {resource.classification: {eq: secret}}
+""")
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE accounts (id TEXT, region TEXT, classification TEXT)")
+    rows = [("a", "eu", None), ("b", "e", None), ("c", "", "secret"), ("d", "eu", "secret"),
+            ("e", None, None)]
+    conn.executemany("INSERT INTO accounts VALUES (?, ?, ?)", rows)
+    for regions in ("eu", ["eu"], None):
+        subject = Subject("user", "u", attributes={"regions": regions})
+        where, params = p.row_filter(subject, "read", "account").to_sql()
+        selected = {r[0] for r in conn.execute(f"SELECT id FROM accounts WHERE {where}",
+                                               params)}
+        allowed = {i for i, region, cls in rows if p.authorize(
+            subject, "read", Resource("account", i, {"region": region,
+                                                     "classification": cls}))}
+        assert selected == allowed
+        assert selected == ({"a"} if regions else set())  # "e" is not in "eu"

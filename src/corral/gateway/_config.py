@@ -44,6 +44,8 @@ class Deployment(_Strict):
     api_key_env: str | None = None
     weight: float = Field(default=1.0, gt=0)
     timeout: float = Field(default=60.0, gt=0)
+    max_connections: int = Field(default=1000, gt=0)
+    """Connections this gateway process opens to the deployment at most (calls beyond wait)."""
 
     @model_validator(mode="after")
     def _needs_url(self) -> Deployment:

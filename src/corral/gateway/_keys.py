@@ -142,8 +142,14 @@ class KeyCache:
         self._loaded = time.monotonic()
 
     async def find(self, secret: str) -> Key | None:
-        if time.monotonic() - self._loaded > self.refresh:
-            if self._loading is None or self._loading.done():
-                self._loading = asyncio.ensure_future(self._reload())
+        """The key's record (None: no such key, or revoked). A known key is answered from
+        memory while a due reload runs behind it; an unknown one waits for the reload, so a
+        key created a moment ago works."""
+        stale = time.monotonic() - self._loaded > self.refresh
+        if stale and (self._loading is None or self._loading.done()):
+            self._loading = asyncio.ensure_future(self._reload())
+        key = self._keys.get(digest(secret))
+        if key is None and stale and self._loading is not None:
             await asyncio.shield(self._loading)
-        return self._keys.get(digest(secret))
+            key = self._keys.get(digest(secret))
+        return key

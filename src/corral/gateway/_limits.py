@@ -96,7 +96,8 @@ class MemoryCounters:
 
     def _sweep(self, now: float, wall: float) -> None:
         self._sweep_at = now + _MINUTE
-        for key in [k for k, (_, at) in self._buckets.items() if now - at > _MINUTE]:
+        for key in [k for k, (level, at) in self._buckets.items()
+                    if level >= 0 and now - at > _MINUTE]:  # (full again; debts are kept)
             del self._buckets[key]
         for key in [k for k, counts in self._budgets.items() if counts[2] <= wall]:
             del self._budgets[key]
@@ -208,7 +209,8 @@ for i = 1, nb do
     level = math.min(cap, tonumber(st[1]) + (now - tonumber(st[2])) * cap / 60)
   end
   redis.call('HSET', KEYS[i], 'l', tostring(level - cost), 't', tostring(now))
-  redis.call('EXPIRE', KEYS[i], 120)
+  -- kept until full again: a debt (usage over the estimate) is not forgiven by expiry
+  redis.call('EXPIRE', KEYS[i], 120 + math.ceil(math.max(0, cost - level) * 60 / cap))
 end
 local totals = {}
 for j = 1, ns do
@@ -395,9 +397,11 @@ class Limiter:
             return
         ticket.settled = True
         self.in_flight -= 1
-        for b in ticket.tpm:
-            b.cost = tokens - ticket.tokens
-        totals = await self.counters.settle(ticket.tpm, ticket.slots, ticket.reserved, cost)
+        for b in ticket.tpm:  # (admission took at most the bucket's capacity)
+            b.cost = tokens - min(ticket.tokens, b.capacity)
+        # shielded: a caller that leaves mid-settlement must not leave the reservation taken
+        totals = await asyncio.shield(
+            self.counters.settle(ticket.tpm, ticket.slots, ticket.reserved, cost))
         for s, spent in zip(ticket.slots, totals, strict=True):
             if s.limit and s.scope in ("tenant", "key"):  # (runs would flood /metrics)
                 self.utilization[(s.scope, s.name)] = spent / s.limit

@@ -54,7 +54,9 @@ class OpenAIProvider:
             key = self.deployment.api_key()
             timeout = self.deployment.timeout
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=60),
+                connector=aiohttp.TCPConnector(limit=self.deployment.max_connections,
+                                               keepalive_timeout=60),
+                read_bufsize=1 << 20,  # (a stream may send a whole answer as one line)
                 headers={"Authorization": f"Bearer {key}"} if key else {},
                 timeout=aiohttp.ClientTimeout(total=None, connect=min(5.0, timeout),
                                               sock_read=timeout),
@@ -119,7 +121,7 @@ class OpenAIProvider:
                         raise UpstreamError(f"{self.deployment.name} reported an error "
                                             f"mid-stream: {payload[:300]}")
                     yield chunk
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # (a line too long)
             raise UpstreamError(f"{self.deployment.name}: the stream broke: "
                                 f"{type(exc).__name__}: {exc}") from None
         raise UpstreamError(f"{self.deployment.name}: the stream ended before [DONE]")

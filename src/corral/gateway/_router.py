@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from ..governance._chain import Governance
 
 T = TypeVar("T")
+log = logging.getLogger("corral.gateway")
 
 
 class GatewayError(Exception):
@@ -159,14 +161,17 @@ class Gateway:
 
     def _account(self, caller: Caller, model: str, d: _Deployment | None,
                  usage: dict[str, Any] | None, started: float, status: str,
-                 cache: str = "off") -> tuple[int, float]:
-        """Metrics and the ledger for one call; its tokens and cost."""
+                 cache: str = "off", estimate: Ticket | None = None) -> tuple[int, float]:
+        """Metrics and the ledger for one call; its tokens and cost (a stream cut before it
+        reported its usage: the ``estimate`` reserved for it)."""
         usage = usage or {}
         input_tokens = int(usage.get("prompt_tokens") or 0)
         output_tokens = int(usage.get("completion_tokens") or 0)
         cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
         price = self._price(d) if d is not None else None
         cost = price.cost(input_tokens, output_tokens, cached) if price else 0.0
+        if estimate is not None:
+            input_tokens, cost = estimate.tokens, estimate.reserved
         elapsed = time.monotonic() - started
         self.metrics.call(caller.tenant, model, status, elapsed, input_tokens, output_tokens,
                           cached, cost)
@@ -224,16 +229,17 @@ class Gateway:
                 started = time.monotonic()
                 try:
                     result = await call(d)
-                except asyncio.CancelledError:  # the caller left: a probe may be made again
-                    d.breaker.probing = False
-                    raise
                 except UpstreamError as exc:
-                    self._failed(d)
-                    if not exc.retryable:
+                    if not exc.retryable:  # (the request's fault, not the deployment's)
+                        d.breaker.probing = False
                         raise _for_caller(exc) from None
+                    self._failed(d)
                     last = exc
                     hint = max(hint, exc.retry_after or 0.0)
                     continue
+                except BaseException:  # the caller left, or a bug: a probe may be made again
+                    d.breaker.probing = False
+                    raise
                 self._succeeded(d, started)
                 return d, result
             if attempt + 1 == retry.attempts:
@@ -310,7 +316,11 @@ class Gateway:
         exact_key = semantic_key = None
         if self._exact is not None:
             exact_key = request_key(caller.tenant, body)
-            hit = await self._exact.get(exact_key)
+            try:
+                hit = await self._exact.get(exact_key)
+            except Exception as exc:  # the cache is best-effort: the model still answers
+                log.warning("gateway: the exact cache failed (%s); asking the model", exc)
+                hit = None
             self.metrics.cache.labels("exact", "hit" if hit else "miss").inc()
             if hit is not None:
                 return hit, "hit", None
@@ -330,7 +340,10 @@ class Gateway:
         in the background in the semantic one (embedding takes a while)."""
         exact_key, semantic_key = where
         if self._exact is not None and exact_key is not None:
-            await self._exact.put(exact_key, answer)
+            try:
+                await self._exact.put(exact_key, answer)
+            except Exception as exc:
+                log.warning("gateway: the exact cache failed to keep an answer (%s)", exc)
         if self._semantic is not None and semantic_key is not None:
             scope, text = semantic_key
             self._later(asyncio.to_thread(self._semantic.store, caller.tenant, scope, text,
@@ -421,6 +434,7 @@ class Gateway:
             hit = None
             if model not in self.config.cascades:
                 self._candidates(model)
+                self._govern(caller, body)  # (a cache hit is for registered agents only too)
                 hit, status, _ = await self._cached(body, caller, similarity)
                 if hit is not None:
                     self._account(caller, model, None, None, started, "ok", status)
@@ -467,7 +481,11 @@ class Gateway:
                                code="stream_interrupted") from None
         finally:  # priced like any other call, from the usage the stream reported
             self.metrics.in_flight.dec()
-            tokens, cost = self._account(caller, model, d, usage, started, status)
+            estimate = None
+            if usage is None and d is not None and ticket is not None:
+                estimate = ticket  # cut before its usage came: charged what was reserved
+            tokens, cost = self._account(caller, model, d, usage, started, status,
+                                         estimate=estimate)
             if ticket is not None:
                 await self.limiter.settle(ticket, tokens, cost)
 

@@ -263,10 +263,12 @@ class Governance:
     # -- the tool chain
 
     def decide_tool(self, agent: str, version: str, roles: frozenset[str], tool: str,
-                    args: Any, resource: str | None = None) -> tuple[str | None, dict[str, Any]]:
-        """Whether ``agent`` may call ``tool`` with ``args``: None or why not, and the record
-        of the decision. Pure: it reads the registry and the policy, and writes nothing."""
-        principal = current_principal()
+                    args: Any, resource: str | None = None, *,
+                    principal: Principal | None = None, token: str | None = None
+                    ) -> tuple[str | None, dict[str, Any]]:
+        """Whether ``agent``, acting for ``principal`` and holding the capability ``token``,
+        may call ``tool`` with ``args``: None or why not, and the record of the decision.
+        It reads the registry and the policy, and writes nothing."""
         acting = None if principal is None else f"{principal.type}:{principal.id}"
         record: dict[str, Any] = {
             "kind": "tool_call", "tenant": self.tenant, "agent": agent,
@@ -278,7 +280,7 @@ class Governance:
             record.update(kind="policy_decision", decision="deny", rule="registry")
             return f"not allowed: {exc}", record
         if self.capability_keys is not None:
-            refused = self._capability(tool, args, resource)
+            refused = self._capability(token, tool, args, resource)
             if refused is not None:
                 record.update(kind="policy_decision", decision="deny", rule="capability")
                 return refused, record
@@ -295,9 +297,9 @@ class Governance:
                 return f"not allowed by policy: {decision.reason}", record
         return None, record
 
-    def _capability(self, tool: str, args: Any, template: str | None) -> str | None:
-        """Why the capability token in force does not allow this call (None: it does)."""
-        token = _capability.get()
+    def _capability(self, token: str | None, tool: str, args: Any, template: str | None
+                    ) -> str | None:
+        """Why ``token`` does not allow this call (None: it does)."""
         if token is None:
             return (f"not allowed: calling {tool} needs a capability token (run it inside "
                     "corral.governance.capability(token))")
@@ -319,15 +321,14 @@ class Governance:
                         call_id: str, arguments: str, resource: str | None = None
                         ) -> str | None:
         """The tool chain's governance: the decision (None: go on; else why not, for the
-        model), recorded once by a journaled step, so a replay does not record it again."""
-        try:
-            args = json.loads(arguments or "{}")
-        except ValueError:
-            args = arguments
-        denied, record = self.decide_tool(agent, version, roles, tool, args, resource)
-        if self.log is not None:
-            await record_decision(record)
-        return denied
+        model), made and recorded in one journaled step, so a run resumed after a crash
+        replays the decision it made (even if the token has expired since) and does not
+        record it twice. (The step's input holds the capability token: short-lived, scoped.)"""
+        principal = current_principal()
+        return await gate_tool(agent, version, sorted(roles), tool, arguments, resource,
+                               None if principal is None else
+                               [principal.type, principal.id, principal.attributes],
+                               _capability.get())
 
     # -- human overrides
 
@@ -426,13 +427,26 @@ def installed() -> Governance | None:
     return _installed
 
 
-async def _append(record: dict[str, Any]) -> str:
+async def _gate(agent: str, version: str, roles: list[str], tool: str, arguments: str,
+                resource: str | None, principal: list[Any] | None, token: str | None
+                ) -> str | None:
     governance = installed()
-    if governance is None or governance.log is None:
-        return ""
-    return governance.log.append(DecisionRecord(**record))
+    if governance is None:
+        return None
+    try:
+        args = json.loads(arguments or "{}")
+    except ValueError:
+        args = arguments
+    acting = None if principal is None else Principal(principal[0], principal[1],
+                                                      dict(principal[2]))
+    denied, record = governance.decide_tool(agent, version, frozenset(roles), tool, args,
+                                            resource, principal=acting, token=token)
+    if governance.log is not None:
+        governance.log.append(DecisionRecord(**record))
+        await governance.log.flush()  # (committed before the step is: never lost)
+    return denied
 
 
-record_decision: Step[Any, str] = Step(_append, name="corral.governance:record",
-                                     retry=RetryPolicy(max_attempts=3), timeout=30)
-"""Append a decision record, once per run: a journaled step."""
+gate_tool: Step[Any, str | None] = Step(_gate, name="corral.governance:tool",
+                                        retry=RetryPolicy(max_attempts=3), timeout=30)
+"""A tool call's governance, decided and recorded once per run: a journaled step."""

@@ -397,10 +397,20 @@ class Policy:
 
     # -- checks
 
-    def check(self, obj: str, relation: str, subject: str, depth: int = 0) -> bool:
+    def check(self, obj: str, relation: str, subject: str, depth: int = 0,
+              path: set[tuple[str, str]] | None = None) -> bool:
         """Whether ``subject`` (``type:id``) has ``relation`` to ``obj`` (``type:id``)."""
-        if depth > _MAX_DEPTH:
-            return False
+        path = set() if path is None else path
+        if depth > _MAX_DEPTH or (obj, relation) in path:
+            return False  # (a cycle adds nothing this path has not tried)
+        path.add((obj, relation))
+        try:
+            return self._check(obj, relation, subject, depth, path)
+        finally:
+            path.discard((obj, relation))
+
+    def _check(self, obj: str, relation: str, subject: str, depth: int,
+               path: set[tuple[str, str]]) -> bool:
         parts = self.schema.get(obj.partition(":")[0], {}).get(relation)
         if parts is None:
             return False
@@ -414,22 +424,35 @@ class Policy:
                 suffix = "#" + p.relation
                 for s in rel.usersets(obj, relation):
                     if s.endswith(suffix) and s.startswith(p.type + ":") and self.check(
-                            s[:-len(suffix)], p.relation, subject, depth + 1):
+                            s[:-len(suffix)], p.relation, subject, depth + 1, path):
                         return True
             elif p.kind == "computed":
-                if self.check(obj, p.relation, subject, depth + 1):
+                if self.check(obj, p.relation, subject, depth + 1, path):
                     return True
             else:
                 for parent in rel.subjects(obj, p.via):
-                    if self.check(parent, p.relation, subject, depth + 1):
+                    if self.check(parent, p.relation, subject, depth + 1, path):
                         return True
         return False
 
-    def lookup(self, type: str, relation: str, subject: str, depth: int = 0) -> set[str]:
-        """Every ``type:id`` to which ``subject`` has ``relation`` (the reverse of `check`)."""
-        if depth > _MAX_DEPTH:
-            return set()
-        found: set[str] = set()
+    def lookup(self, type: str, relation: str, subject: str) -> set[str]:
+        """Every ``type:id`` to which ``subject`` has ``relation`` (the reverse of `check`):
+        a fixpoint over the relations' definitions, each (type, relation) computed once."""
+        memo: dict[tuple[str, str], set[str]] = {}
+        while True:  # until nothing grows (recursive relations: groups in groups)
+            before = sum(len(v) for v in memo.values())
+            found = self._lookup(type, relation, subject, memo, set(), set())
+            if sum(len(v) for v in memo.values()) == before:
+                return found
+
+    def _lookup(self, type: str, relation: str, subject: str,
+                memo: dict[tuple[str, str], set[str]], active: set[tuple[str, str]],
+                done: set[tuple[str, str]]) -> set[str]:
+        key = (type, relation)
+        if key in active or key in done:
+            return memo.get(key, set())  # (in progress: what is known so far)
+        active.add(key)
+        found: set[str] = set(memo.get(key, ()))
         rel = self.relationships
         for p in self.schema.get(type, {}).get(relation, []):
             if p.kind == "direct":
@@ -437,15 +460,19 @@ class Policy:
                     if subject.startswith(p.type + ":"):
                         found |= rel.objects(subject, relation, type)
                     continue
-                for group in self.lookup(p.type, p.relation, subject, depth + 1):
+                for group in self._lookup(p.type, p.relation, subject, memo, active, done):
                     found |= rel.objects(f"{group}#{p.relation}", relation, type)
             elif p.kind == "computed":
-                found |= self.lookup(type, p.relation, subject, depth + 1)
+                found |= self._lookup(type, p.relation, subject, memo, active, done)
             else:
                 for parent_type in {q.type for q in self.schema[type][p.via]
                                     if q.kind == "direct"}:
-                    for parent in self.lookup(parent_type, p.relation, subject, depth + 1):
+                    parents = self._lookup(parent_type, p.relation, subject, memo, active, done)
+                    for parent in parents:
                         found |= rel.objects(parent, p.via, type)
+        active.discard(key)
+        done.add(key)
+        memo[key] = found
         return found
 
     def authorize(self, subject: Subject, action: str, resource: Resource,
@@ -535,6 +562,8 @@ def _value(c: Condition, env: _Env) -> Any:
 
 
 def _compare(op: str, left: Any, right: Any) -> bool:
+    if op in ("in", "not_in") and isinstance(right, str):
+        right = [right]  # (one value, not a string to search in)
     try:
         if op == "eq":
             return bool(left == right)
@@ -617,6 +646,8 @@ def _condition_filter(c: Condition, env: _Env) -> Filter:
     column = c.attr.removeprefix("resource.")
     if value is None and c.op in ("in", "gt", "gte", "lt", "lte", "between"):
         return FALSE  # (compared with nothing known: no row qualifies)
+    if value is None and c.op == "not_in":
+        return TRUE  # (not in nothing: every row, as authorize says)
     if c.op in ("in", "not_in"):
         value = sorted(value, key=str) if isinstance(value, (list, set, tuple, frozenset)) \
             else [value]
@@ -643,6 +674,8 @@ def _sql(f: Filter, columns: Mapping[str, str], dialect: str, params: list[Any])
     if not all(_IDENT.match(part) for part in column.split(".")):
         raise UsageError(f"{column!r} is not a plain column name; map the attribute to a "
                          "column in to_sql(columns=...)")
+    # A NULL column never satisfies a comparison, as in authorize; spelled out so that a
+    # comparison under NOT (a deny rule) is false, not NULL, and the row is not lost.
     if f.op in ("in", "not_in"):
         if not f.value:
             return "1 = 0" if f.op == "in" else "1 = 1"
@@ -651,10 +684,11 @@ def _sql(f: Filter, columns: Mapping[str, str], dialect: str, params: list[Any])
             test = f"{column} = ANY({mark})"
         else:
             test = f"{column} IN (SELECT value FROM json_each({mark}))"
-        return test if f.op == "in" else f"({column} IS NULL OR NOT {test})"
+        return f"({column} IS NOT NULL AND {test})" if f.op == "in" \
+            else f"({column} IS NULL OR NOT {test})"
     if f.op == "between":
         params.extend(f.value)
-        return f"{column} BETWEEN {mark} AND {mark}"
+        return f"({column} IS NOT NULL AND {column} BETWEEN {mark} AND {mark})"
     if f.op == "contains":
         raise UsageError(f"a row filter cannot test whether column {column!r} contains a "
                          "value; use in/eq on a scalar column")
@@ -663,7 +697,7 @@ def _sql(f: Filter, columns: Mapping[str, str], dialect: str, params: list[Any])
     params.append(f.value)
     if f.op == "ne":
         return f"({column} IS NULL OR {column} <> {mark})"
-    return f"{column} {_SQL_OPS[f.op]} {mark}"
+    return f"({column} IS NOT NULL AND {column} {_SQL_OPS[f.op]} {mark})"
 
 
 def _json_list(values: Iterable[Any]) -> str:
