@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -115,7 +115,17 @@ async def _worker(args: argparse.Namespace) -> int:
         raise UsageError("on Temporal a worker serves one task queue (--queue) until stopped; "
                          "--drain and several --queue are for the embedded engine")
     async with _runtime(args, config, True, queues) as rt:
-        health = await _serve_health(args.health_port, rt) if args.health_port else None
+        metrics = None
+        if not config.temporal:
+            from .observability import run_metrics
+
+            db = _db(args)
+
+            def metrics() -> bytes:
+                return run_metrics(db)
+
+        health = await _serve_health(args.health_port, rt, metrics) if args.health_port \
+            else None
         try:
             if args.drain:
                 await rt.drain()
@@ -133,8 +143,10 @@ async def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve_health(port: int, rt: Any) -> asyncio.Server:
-    """GET /health on 0.0.0.0:port: 200 while the worker works (probes of Kubernetes)."""
+async def _serve_health(port: int, rt: Any,
+                        metrics: Callable[[], bytes] | None = None) -> asyncio.Server:
+    """GET /health on 0.0.0.0:port: 200 while the worker works (probes of Kubernetes); GET
+    /metrics: the store's runs and queues for Prometheus (embedded engine)."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -145,9 +157,13 @@ async def _serve_health(port: int, rt: Any) -> asyncio.Server:
             path = request.split(b" ")[1] if request.count(b" ") >= 2 else b""
             status, body = ((b"200 OK", b"ok\n") if healthy else
                             (b"503 Service Unavailable", b"the worker has stopped\n"))
-            if path != b"/health":
+            content_type = b"text/plain"
+            if path == b"/metrics" and metrics is not None:
+                status, body = b"200 OK", await asyncio.to_thread(metrics)
+                content_type = b"text/plain; version=0.0.4"
+            elif path != b"/health":
                 status, body = b"404 Not Found", b"not found; the probe is GET /health\n"
-            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain\r\n"
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + content_type + b"\r\n"
                          b"Content-Length: " + str(len(body)).encode() +
                          b"\r\nConnection: close\r\n\r\n" + body)
             await writer.drain()
