@@ -362,10 +362,12 @@ class Agent(Generic[O]):
             if isinstance(decision, dict) and decision.get("continue") is True:
                 progress.reset()
                 return
-        raise LoopDetected(
-            f"agent {self.name!r} is looping: it {pattern}; change its instructions or tools, "
-            "or raise the limit in Limits", agent=self.name, pattern=pattern,
-        )
+        from ..observability._alerts import alerts
+
+        message = (f"agent {self.name!r} is looping: it {pattern}; change its instructions or "
+                   "tools, or raise the limit in Limits")
+        alerts().fire("loop_detected", f"{self.name}: {pattern}", message, agent=self.name)
+        raise LoopDetected(message, agent=self.name, pattern=pattern)
 
     def _charge(self, budget: _RunBudget, response: ModelResponse, cost: float) -> None:
         budget.turns += 1

@@ -406,6 +406,10 @@ class Limiter:
             if s.limit and s.scope in ("tenant", "key"):  # (runs would flood /metrics)
                 self.utilization[(s.scope, s.name)] = spent / s.limit
             if s.soft is not None and spent >= s.soft and s.key not in self.soft_crossed:
+                from ..observability._alerts import alerts
+
                 self.soft_crossed.add(s.key)
-                log.warning("budget: %s %r has spent $%.4f, past its soft limit $%g",
-                            s.scope, s.name, spent, s.soft)
+                alerts().fire("budget_soft_limit", s.key, f"budget: {s.scope} {s.name!r} has "
+                              f"spent ${spent:.4f}, past its soft limit ${s.soft:g}",
+                              scope=s.scope, name=s.name, spent=spent, soft=s.soft,
+                              limit=s.limit)

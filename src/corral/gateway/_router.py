@@ -16,6 +16,7 @@ import hashlib
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -130,6 +131,7 @@ class Gateway:
         self._validators = {name: load_validator(c.validator)
                             for name, c in config.cascades.items() if c.validator}
         self._background: set[asyncio.Task[Any]] = set()
+        self._recent: dict[str, deque[bool]] = {}
         self.metrics = Metrics(self._state)
 
     @property
@@ -175,6 +177,7 @@ class Gateway:
         elapsed = time.monotonic() - started
         self.metrics.call(caller.tenant, model, status, elapsed, input_tokens, output_tokens,
                           cached, cost)
+        self._error_rate(model, status == "error")
         if self.ledger is not None:
             self.ledger.record(Call(
                 at=time.time(), tenant=caller.tenant, key_id=caller.key_id,
@@ -185,6 +188,18 @@ class Gateway:
                 latency_ms=round(elapsed * 1000, 3), cache=cache, status=status,
             ))
         return input_tokens + output_tokens, cost
+
+    def _error_rate(self, model: str, failed: bool) -> None:
+        """Alert when over half of a model's last 50 calls (20 at least) failed."""
+        recent = self._recent.get(model)
+        if recent is None:
+            recent = self._recent[model] = deque(maxlen=50)
+        recent.append(failed)
+        if failed and len(recent) >= 20 and sum(recent) * 2 > len(recent):
+            from ..observability._alerts import alerts
+
+            alerts().fire("error_rate", model, f"{sum(recent)} of the last {len(recent)} "
+                          f"calls to {model!r} failed", failed=sum(recent), calls=len(recent))
 
     def _candidates(self, model: str) -> list[_Deployment]:
         found = self._models.get(model)
@@ -212,6 +227,12 @@ class Gateway:
         b = d.breaker
         b.failures += 1
         if b.probing or b.failures >= self.config.breaker.failures:
+            if b.open_until <= time.monotonic():  # closed (or half-open) until now
+                from ..observability._alerts import alerts
+
+                alerts().fire("breaker_open", d.config.name, f"the circuit breaker of "
+                              f"deployment {d.config.name!r} opened after {b.failures} "
+                              "failures in a row", cooldown=self.config.breaker.cooldown)
             b.open_until = time.monotonic() + self.config.breaker.cooldown
         b.probing = False
 
