@@ -342,7 +342,7 @@ class Agent(Generic[O]):
         gate = governance()
         if gate is not None:  # the tool chain: registry, policy, a decision record
             denied = await gate.tool_gate(self.name, self.version, self.roles, call.name,
-                                          call.id, call.arguments, found.resource)
+                                          call.arguments, found.resource)
             if denied is not None:
                 return ToolResult(call_id=call.id, name=call.name, failure=ToolFailure(
                     kind="denied", retryable=False, message=denied))

@@ -450,24 +450,22 @@ class Gateway:
         is never passed off as a whole one. Cascades and cache hits stream their whole answer
         at once."""
         model = body["model"]
-        if model in self.config.cascades or (cache and (self._exact or self._semantic)):
+        if model in self.config.cascades:
+            whole = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+            answer = await self.chat(whole, caller, cache=cache, similarity=similarity)
+            for chunk in chunks_of({**answer, "model": model}):
+                yield chunk
+            return
+        candidates = self._candidates(model)
+        sent, vault = self._govern(caller, body)  # (cache hits too are for registered agents)
+        if cache and (self._exact or self._semantic):
             started = time.monotonic()
-            hit = None
-            if model not in self.config.cascades:
-                self._candidates(model)
-                self._govern(caller, body)  # (a cache hit is for registered agents only too)
-                hit, status, _ = await self._cached(body, caller, similarity)
-                if hit is not None:
-                    self._account(caller, model, None, None, started, "ok", status)
-            if hit is not None or model in self.config.cascades:
-                whole = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-                answer = hit or await self.chat(whole, caller, cache=cache,
-                                                similarity=similarity)
-                for chunk in chunks_of({**answer, "model": model}):
+            hit, status, _ = await self._cached(body, caller, similarity)
+            if hit is not None:
+                self._account(caller, model, None, None, started, "ok", status)
+                for chunk in chunks_of({**hit, "model": model}):
                     yield chunk
                 return
-        candidates = self._candidates(model)
-        sent, vault = self._govern(caller, body)
 
         async def first(d: _Deployment) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any]]:
             chunks = d.provider.stream({**sent, "model": d.config.model})

@@ -318,7 +318,7 @@ class Governance:
         return None
 
     async def tool_gate(self, agent: str, version: str, roles: frozenset[str], tool: str,
-                        call_id: str, arguments: str, resource: str | None = None
+                        arguments: str, resource: str | None = None
                         ) -> str | None:
         """The tool chain's governance: the decision (None: go on; else why not, for the
         model), made and recorded in one journaled step, so a run resumed after a crash
