@@ -369,11 +369,18 @@ class Limiter:
                 if self.spent_since is not None and s.scope in ("tenant", "key"):
                     spent = await asyncio.to_thread(self.spent_since, s.scope, s.name, s.since)
                 self.counters.seed(s.key, spent)
-        refusal = await self.counters.admit(buckets, slots, cost)
+        # counted from before the reservation is taken until after it is settled, so that
+        # most_in_flight bounds the reservations outstanding at once, in Redis as in memory
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            refusal = await self.counters.admit(buckets, slots, cost)
+        except BaseException:
+            self.in_flight -= 1
+            raise
         if refusal is None:
-            self.in_flight += 1
-            self.most_in_flight = max(self.most_in_flight, self.in_flight)
             return Ticket([b for b in buckets if b.key.startswith("tpm:")], slots, tokens, cost)
+        self.in_flight -= 1
         if refusal.what == "rate":
             b = buckets[refusal.index]
             kind, scope, name = b.key.split(":", 2)
@@ -396,12 +403,14 @@ class Limiter:
         if ticket.settled:
             return
         ticket.settled = True
-        self.in_flight -= 1
         for b in ticket.tpm:  # (admission took at most the bucket's capacity)
             b.cost = tokens - min(ticket.tokens, b.capacity)
         # shielded: a caller that leaves mid-settlement must not leave the reservation taken
-        totals = await asyncio.shield(
-            self.counters.settle(ticket.tpm, ticket.slots, ticket.reserved, cost))
+        try:
+            totals = await asyncio.shield(
+                self.counters.settle(ticket.tpm, ticket.slots, ticket.reserved, cost))
+        finally:
+            self.in_flight -= 1
         for s, spent in zip(ticket.slots, totals, strict=True):
             if s.limit and s.scope in ("tenant", "key"):  # (runs would flood /metrics)
                 self.utilization[(s.scope, s.name)] = spent / s.limit
