@@ -21,6 +21,9 @@ $(VENV)/.demo: pyproject.toml | $(BIN)/python
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(CHECK_PYTHON)
 	$(PIP) -e '.[dev]'
+	@# the dashboard's browser test: Debian's chromium and its driver
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 	touch $@ $(VENV)/.demo
 
 $(VENV)/.bench: pyproject.toml | $(BIN)/python

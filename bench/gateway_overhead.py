@@ -54,7 +54,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -68,6 +67,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from _load import LUA_PACING, busy_seconds, free_port
 
 KEY = "sk-corral-bench-master"  # the gateways' master key, sent by wrk
 UPSTREAM_KEY = "sk-bench-upstream"
@@ -184,20 +185,7 @@ wrk.body = os.getenv("BENCH_BODY")
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_KEY")
 
--- open-loop pacing: every request takes the next slot of one absolute schedule (rate/s),
--- whichever connection is free; a late slot is sent at once (the backlog is never dropped)
-local rate = tonumber(os.getenv("BENCH_RATE") or "0")
-if rate > 0 then
-  local interval, next_at = 1000 / rate, nil
-  function delay()
-    local now = now_ms()
-    if next_at == nil then next_at = now end
-    local wait = next_at - now
-    next_at = next_at + interval
-    if wait < 0 then return 0 end
-    return wait
-  end
-end
+""" + LUA_PACING + """\
 
 function done(summary, latency, requests)
   local e = summary.errors
@@ -220,25 +208,12 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def post(url: str, key: str) -> tuple[int, dict[str, str], dict[str, Any]]:
     request = urllib.request.Request(
         url, data=json.dumps(REQUEST).encode(), method="POST",
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
     with urllib.request.urlopen(request, timeout=10) as response:
         return response.status, dict(response.headers), json.loads(response.read())
-
-
-def busy_seconds() -> float:
-    """CPU time all cores spent busy since boot (everything but idle and iowait)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def own_seconds() -> float:

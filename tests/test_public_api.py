@@ -27,3 +27,14 @@ def test_errors_share_one_root_and_survive_pickling() -> None:
         "x", "ValueError", 2, "step 'x' failed")
     assert issubclass(corral.UsageError, corral.CorralError)
     assert not issubclass(corral.StepFailed, corral.UsageError)
+
+
+def test_the_observability_surface_is_pinned() -> None:
+    import corral.observability as observability
+
+    assert sorted(observability.__all__) == [
+        "OTLPExporter", "RunCollector", "Span", "Tracing", "describe_step", "install",
+        "run_metrics",
+    ]
+    for name in observability.__all__:
+        assert hasattr(observability, name), name

@@ -25,6 +25,8 @@ from ._errors import (
     UsageError,
 )
 from .config import Config, connect, load_config
+from .observability._spans import Span
+from .observability._traces import assemble, render, summarize
 from .runtime import DEFAULT_DB, Runtime, load_workflow
 from .stores import JournalEntry, RunRecord, SQLiteStore
 from .stores._migrations import MIGRATIONS, _redact, check_redis, is_postgres, upgrade
@@ -212,6 +214,83 @@ def _gateway(args: argparse.Namespace) -> int:
 
     gc.collect()
     gc.freeze()  # the start-up heap out of the collector's way: shorter pauses under load
+    server.run()  # (uvicorn's own loop setup: uvloop when installed)
+    return 0 if server.started else 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .server import Settings, Webhook, create_app
+    except ImportError:
+        raise UsageError("corral serve needs the gateway extra; pip install "
+                         "'corral[gateway]'") from None
+    from .runtime._definitions import load_workflows
+
+    config = _config(args)
+    if config.temporal:
+        raise UsageError("corral serve runs the embedded engine in this version; on Temporal, "
+                         "submit and steer runs with `corral run` and `corral runs`")
+    section = dict((config.sections or {}).get("server") or {})
+    unknown = set(section) - {"master_key_env", "workflows", "webhooks"}
+    if unknown:
+        raise UsageError(f"{config.source}: [server] has no {sorted(unknown)[0]!r}; it takes "
+                         "master_key_env, workflows, webhooks")
+    refs = [*(section.get("workflows") or []), *(args.workflows or [])]
+    workflows = {wf.name: wf for ref in refs for wf in load_workflows(ref)}
+    master_key = None
+    if section.get("master_key_env"):
+        master_key = os.environ.get(section["master_key_env"]) or None
+        if master_key is None:
+            raise UsageError(f"${section['master_key_env']} is empty; set it to the master key "
+                             "([server] master_key_env)")
+    webhooks = {}
+    for name, hook in (section.get("webhooks") or {}).items():
+        if not isinstance(hook, dict) or set(hook) - {"workflow", "secret_env", "tenant"} \
+                or "workflow" not in hook or "secret_env" not in hook:
+            raise UsageError(f"{config.source}: [server.webhooks.{name}] takes workflow, "
+                             "secret_env and tenant (workflow and secret_env required)")
+        secret = os.environ.get(hook["secret_env"], "")
+        if len(secret) < 16:
+            raise UsageError(f"webhook {name!r}: ${hook['secret_env']} must hold a secret of at "
+                             "least 16 characters")
+        if hook["workflow"] not in workflows:
+            raise UsageError(f"webhook {name!r} starts {hook['workflow']!r}, which is not among "
+                             f"the served workflows ({', '.join(sorted(workflows)) or 'none'})")
+        webhooks[name] = Webhook(hook["workflow"], secret.encode(), hook.get("tenant", "default"))
+    from .gateway._keys import KeyCache, KeyStore
+
+    db = _db(args)
+    shared = config.database or db
+    if not is_postgres(shared):  # one file on one machine: bring it up to date
+        upgrade(shared)
+    rt = Runtime(db, worker=not args.no_worker, lock_timeout=args.lock_timeout)
+    store = KeyStore(shared)
+    settings = Settings(workflows=workflows, master_key=master_key,
+                        keys=KeyCache(store, 2.0), webhooks=webhooks, shared_db=shared)
+    gateway = None
+    sections = config.sections or {}
+    if sections.get("gateway"):
+        from .gateway import Gateway, parse_gateway
+        from .gateway._ledger import Ledger
+        from .gateway._server import routes
+        from .governance._chain import installed
+
+        gateway_settings = parse_gateway(sections["gateway"], config.source)
+        gateway = Gateway(gateway_settings, Ledger(shared), redis=config.redis,
+                          governance=installed())
+        settings.gateway_routes = routes(gateway, master_key=gateway_settings.master_key(),
+                                         keys=settings.keys)
+        settings.gateway_metrics = gateway.metrics.render
+        settings.on_close.append(gateway.close)
+    store.active()  # (fails now, saying what to do, if PostgreSQL lacks the tables)
+    app = create_app(rt, settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                           log_level="warning", access_log=False,
+                                           lifespan="on"))
+    print(f"corral serve on http://{args.host}:{args.port} ({len(workflows)} workflows; "
+          "dashboard at /dashboard/)", file=sys.stderr, flush=True)
     server.run()  # (uvicorn's own loop setup: uvloop when installed)
     return 0 if server.started else 1
 
@@ -476,28 +555,6 @@ def _span(start: float | None, end: float | None) -> str:
     return f"{seconds * 1000:.1f}ms" if seconds < 1 else f"{seconds:.2f}s"
 
 
-def _run_dict(run: RunRecord) -> dict[str, Any]:
-    return {
-        "id": run.id,
-        "workflow": run.workflow,
-        "status": run.status,
-        "queue": run.queue,
-        "priority": run.priority,
-        "run_at": run.run_at,
-        "concurrency_key": run.concurrency_key,
-        "concurrency_limit": run.concurrency_limit,
-        "parent_id": run.parent_id,
-        "cancel_requested": run.cancel_requested,
-        "input": json.loads(run.input),
-        "result": None if run.result is None else json.loads(run.result),
-        "error": None if run.error is None else json.loads(run.error),
-        "created_at": run.created_at,
-        "started_at": run.started_at,
-        "ended_at": run.ended_at,
-        "attempts": run.attempts,
-    }
-
-
 def _entry_dict(entry: JournalEntry) -> dict[str, Any]:
     return {
         "key": entry.key,
@@ -520,7 +577,7 @@ def _short(value: Any, width: int = 60) -> str:
 
 def _print_runs(runs: list[RunRecord], as_json: bool) -> None:
     if as_json:
-        print(json.dumps([_run_dict(r) for r in runs], indent=2))
+        print(json.dumps([r.as_dict() for r in runs], indent=2))
         return
     print(f"{'RUN':34} {'WORKFLOW':20} {'STATUS':10} {'CREATED':19} {'TOOK':>9}")
     for r in runs:
@@ -528,10 +585,15 @@ def _print_runs(runs: list[RunRecord], as_json: bool) -> None:
               f" {_span(r.started_at, r.ended_at):>9}")
 
 
-def _print_run(run: RunRecord, entries: list[JournalEntry], as_json: bool) -> None:
+def _print_run(run: RunRecord, entries: list[JournalEntry], as_json: bool,
+               trace: list[Span] | None = None) -> None:
+    summary = summarize(trace) if trace is not None else None
     if as_json:
-        print(json.dumps({**_run_dict(run), "steps": [_entry_dict(e) for e in entries]},
-                         indent=2))
+        shown = {**run.as_dict(), "steps": [_entry_dict(e) for e in entries]}
+        if trace is not None:
+            shown["trace"] = {"trace_id": trace[0].trace_id if trace else None,
+                              "spans": [s.as_dict() for s in trace], **(summary or {})}
+        print(json.dumps(shown, indent=2))
         return
     print(f"run       {run.id}")
     print(f"workflow  {run.workflow}")
@@ -547,6 +609,15 @@ def _print_run(run: RunRecord, entries: list[JournalEntry], as_json: bool) -> No
     if run.error is not None:
         error = json.loads(run.error)
         print(f"error     {error.get('type')}: {error.get('message')}")
+    if trace is not None and summary is not None:
+        print("\ntrace " + (trace[0].trace_id if trace else "-"))
+        for line in render(trace):
+            print("  " + line)
+        seconds = summary["seconds"]
+        print("\ntime      " + "  ".join(f"{k} {_span(0, v)}" for k, v in seconds.items()))
+        tokens = summary["tokens"]
+        print(f"cost      ${summary['cost_usd']:.6f}  tokens {tokens['input']} in, "
+              f"{tokens['output']} out")
     header = f"{'KEY':8} {'KIND':6} {'NAME':20} {'STATUS':8} {'TOOK':>9} {'TRIES':>5}"
     print(f"\n{header}  VALUE")
     for e in entries:
@@ -586,7 +657,9 @@ def _runs(args: argparse.Namespace) -> int:
                                         limit=args.limit), args.json)
             return 0
         if args.runs_command == "show":
-            _print_run(store.get_run(args.run_id), store.journal(args.run_id), args.json)
+            runs, journals, stored = store.trace(args.run_id)
+            _print_run(runs[0], journals[runs[0].id], args.json,
+                       assemble(runs, journals, stored))
             return 0
         if args.runs_command == "cancel":
             import time
@@ -691,6 +764,15 @@ def parser() -> argparse.ArgumentParser:
     _add_agents(commands)
     _add_audit(commands)
 
+    serve = commands.add_parser(
+        "serve", help="the control plane over HTTP: runs API, approvals, dashboard, gateway")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workflows", action="append", metavar="FILE.py|MODULE[:NAME]",
+                       help="workflows the API may start (repeat; also [server] workflows)")
+    serve.add_argument("--no-worker", action="store_true",
+                       help="serve the API only; separate `corral worker`s execute the runs")
+
     costs = commands.add_parser("costs", help="what model calls cost, from the gateway's ledger")
     costs.add_argument("--by", choices=["tenant", "workflow", "agent", "model", "day"],
                        default="model")
@@ -723,7 +805,7 @@ def parser() -> argparse.ArgumentParser:
     send.add_argument("value", help="the signal's value as JSON")
     engine_help = ("temporal://host:port[?namespace=&task_queue=] to run on Temporal "
                    "(default: $CORRAL_ENGINE or the config file; else embedded)")
-    for sub in (run, worker, ls, show, cancel, send, db_upgrade):
+    for sub in (run, worker, ls, show, cancel, send, db_upgrade, serve):
         sub.add_argument("--config", metavar="FILE",
                          help="corral.toml (default: $CORRAL_CONFIG or ./corral.toml)")
         if sub is not db_upgrade:
@@ -772,6 +854,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return _agents(args)
         if args.command == "costs":
             return _costs(args)
+        if args.command == "serve":
+            return _serve(args)
         return _runs(args)
     except BrokenPipeError:  # e.g. `corral runs show ID | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

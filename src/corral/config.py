@@ -24,7 +24,8 @@ from typing import Any
 from ._errors import UsageError
 
 _KEYS = {"engine": "CORRAL_ENGINE", "database": "CORRAL_DATABASE_URL", "redis": "CORRAL_REDIS_URL"}
-_SECTIONS = {"gateway", "governance", "observability"}  # read by the components that own them
+# sections read by the components that own them
+_SECTIONS = {"gateway", "governance", "observability", "server"}
 
 
 @dataclass(frozen=True)

@@ -91,10 +91,9 @@ async def test_the_ledger_loses_nothing_on_shutdown(where: str, tmp_path: Path,
     url = str(tmp_path / "ledger.db") if where == "sqlite" else request.getfixturevalue("pg_url")
     upgrade(url)
     ledger = Ledger(url, flush_every=3600)  # nothing would be written before close()
-    started = time.perf_counter()
     for n in range(5000):
         ledger.record(_call(n))
-    assert time.perf_counter() - started < 0.5  # recording never waits for the database
+    assert report(url, by="tenant") == []  # recording never waits for the database
     await ledger.close()
     [row] = report(url, by="tenant")
     assert (row["calls"], row["input_tokens"]) == (5000, 50_000)

@@ -87,6 +87,18 @@ def _spec(run_id: str, **fields: Any) -> RunSpec:
                    run_at=0.0, **fields)
 
 
+def test_a_file_holding_only_the_shared_records_takes_runs_too(tmp_path: Path) -> None:
+    """`corral db upgrade` (or `corral keys create`) first, then runs, in one embedded file."""
+    from corral.stores._migrations import upgrade
+
+    path = str(tmp_path / "corral.db")
+    upgrade(path)
+    store = SQLiteStore(path)
+    store.apply(Batch(submits=[_spec("r")]), 1.0)
+    assert store.get_run("r").status == "queued"
+    store.close()
+
+
 def test_a_child_started_after_its_parent_was_asked_to_stop_is_asked_too(
     store: SQLiteStore,
 ) -> None:

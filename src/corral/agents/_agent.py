@@ -13,6 +13,7 @@ import contextvars
 import functools
 import json
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
@@ -20,6 +21,9 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from .._errors import LoopDetected, OutputInvalid, UsageError, UsageLimitExceeded
+from ..observability._runs import MODELS
+from ..observability._tracing import describe_step, workflow_span
+from ..observability._tracing import installed as installed_tracing
 from ..runtime import RetryPolicy, Step
 from ..runtime._definitions import current_scope
 from ._messages import Message, ModelRequest, ModelResponse, ToolCall, ToolSpec, Usage
@@ -198,11 +202,35 @@ class Agent(Generic[O]):
         return f"Agent({self.name!r}, model={self.model.name!r})"
 
     async def _complete(self, request: ModelRequest) -> ModelResponse:
+        model = getattr(self.model, "model", self.model.name)
+        described = describe_step(f"chat {model}", {
+            "gen_ai.operation.name": "chat", "gen_ai.request.model": model,
+            "gen_ai.provider.name": self.model.name.partition(":")[0],
+            "gen_ai.agent.name": self.name, "gen_ai.agent.version": self.version})
         token = calling_agent.set((self.name, self.version))  # (the gateway's labels)
+        started, status = time.perf_counter(), "error"
         try:
-            return await self.model.complete(request)
+            response = await self.model.complete(request)
+            status = "ok"
         finally:
             calling_agent.reset(token)
+            MODELS.observe(model, status, time.perf_counter() - started)
+        if described:
+            attributes: dict[str, Any] = {}
+            if not getattr(self.model, "accounted", False):  # (else the gateway said it all)
+                attributes = {"gen_ai.response.model": response.model,
+                              "gen_ai.usage.input_tokens": response.usage.input_tokens,
+                              "gen_ai.usage.output_tokens": response.usage.output_tokens,
+                              "corral.cost_usd": self.cost(response)}
+            tracing = installed_tracing()
+            if tracing.content:
+                attributes["gen_ai.input.messages"] = tracing.content_attribute(
+                    [m.model_dump(exclude_none=True) for m in request.messages])
+                attributes["gen_ai.output.messages"] = tracing.content_attribute(
+                    [{"role": "assistant", "content": response.content,
+                      "tool_calls": [c.model_dump() for c in response.tool_calls]}])
+            describe_step(None, attributes)
+        return response
 
     def cost(self, response: ModelResponse) -> float:
         price_in, price_out = self.prices.get(response.model, self.prices.get(
@@ -219,6 +247,12 @@ class Agent(Generic[O]):
 
     async def run(self, prompt: str | list[Message]) -> AgentResult[O]:
         """Run the loop until a final output that validates, or a limit stops it."""
+        with workflow_span(f"invoke_agent {self.name}", {
+                "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": self.name,
+                "gen_ai.agent.version": self.version}):
+            return await self._loop(prompt)
+
+    async def _loop(self, prompt: str | list[Message]) -> AgentResult[O]:
         messages = [Message(role="system", content=self.instructions)]
         if isinstance(prompt, str):
             messages.append(Message(role="user", content=prompt))

@@ -20,6 +20,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, create_model
 
 from .._errors import CorralError, UsageError
+from ..observability._tracing import describe_step
+from ..observability._tracing import installed as installed_tracing
 from ..runtime import RetryPolicy, Step
 from ._messages import ToolSpec, Usage
 
@@ -133,7 +135,28 @@ class Tool:
         return await result if inspect.isawaitable(result) else result
 
     async def _invoke_with_id(self, call_id: str, arguments: str) -> ToolResult:
-        return await self.invoke(call_id, arguments)
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": self.name,
+            "gen_ai.tool.call.id": call_id, "gen_ai.tool.type": "function"}
+        tracing = installed_tracing()
+        if tracing.content:
+            try:
+                given: Any = json.loads(arguments or "{}")
+            except ValueError:
+                given = arguments
+            attributes["gen_ai.tool.call.arguments"] = tracing.content_attribute(given)
+        if not describe_step(f"execute_tool {self.name}", attributes):
+            return await self.invoke(call_id, arguments)
+        result = await self.invoke(call_id, arguments)
+        outcome: dict[str, Any] = {}
+        if result.failure is not None:
+            outcome["error.type"] = result.failure.kind
+            outcome["corral.error.message"] = result.failure.message
+        if tracing.content:
+            outcome["gen_ai.tool.call.result"] = tracing.content_attribute(result.for_model())
+        if outcome:
+            describe_step(None, outcome)
+        return result
 
     async def invoke(self, call_id: str, arguments: str) -> ToolResult:
         """Validate the model's arguments and call the tool; every failure is a value."""

@@ -40,21 +40,25 @@ def installed() -> Gateway:
 
 
 class GatewayModel:
-    """A model behind the gateway. Each call is on the tenant's account (``tenant``), labelled
-    with the agent, run and workflow it is made for."""
+    """A model behind the gateway. Each call is on the tenant's account (``tenant``; by
+    default the run's, else "default"), labelled with the agent, run and workflow it is made
+    for."""
 
     def __init__(self, model: str, *, gateway: Gateway | None = None,
-                 tenant: str = "default") -> None:
+                 tenant: str | None = None) -> None:
         self.model = model
         self.name = f"gateway:{model}"
+        self.accounted = True  # the gateway prices its calls (and puts the cost on the span)
         self._gateway = gateway
         self.tenant = tenant
 
     async def complete(self, request: ModelRequest) -> ModelResponse:
         gateway = self._gateway or installed()
-        run_id, workflow = current_step.get() or (None, None)
+        step = current_step.get()
+        run_id, workflow = (step[0], step[1]) if step else (None, None)
         agent, version = calling_agent.get() or (None, None)
-        caller = Caller(tenant=self.tenant, key_id="in-process", workflow=workflow,
+        tenant = self.tenant or (step and step[3].tenant) or "default"
+        caller = Caller(tenant=tenant, key_id="in-process", workflow=workflow,
                         run_id=run_id, agent=agent, agent_version=version)
         try:
             answer: dict[str, Any] = await gateway.chat(chat_body(self.model, request), caller)

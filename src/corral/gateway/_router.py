@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._errors import UsageError
+from ..observability._tracing import describe_step, standalone
 from ._cache import ExactCache, MemoryCache, RedisCache, request_key
 from ._cascade import load_validator, rejection, wants_logprobs
 from ._config import Cascade, Deployment, GatewayConfig, Price
@@ -97,6 +98,8 @@ class Caller:
     agent_version: str | None = None
     key: Key | None = None
     """The virtual key, whose own limits and budget apply."""
+    trace: tuple[str, str] | None = None
+    """(trace id, span id) of the caller's span (W3C traceparent), for the call's span."""
 
 
 class Gateway:
@@ -163,7 +166,8 @@ class Gateway:
 
     def _account(self, caller: Caller, model: str, d: _Deployment | None,
                  usage: dict[str, Any] | None, started: float, status: str,
-                 cache: str = "off", estimate: Ticket | None = None) -> tuple[int, float]:
+                 cache: str = "off", estimate: Ticket | None = None,
+                 operation: str = "chat") -> tuple[int, float]:
         """Metrics and the ledger for one call; its tokens and cost (a stream cut before it
         reported its usage: the ``estimate`` reserved for it)."""
         usage = usage or {}
@@ -187,6 +191,8 @@ class Gateway:
                 cost=cost, priced=price is not None or (input_tokens + output_tokens == 0),
                 latency_ms=round(elapsed * 1000, 3), cache=cache, status=status,
             ))
+        _trace(caller, operation, model, d, input_tokens, output_tokens, cached, cost, cache,
+               status, elapsed)
         return input_tokens + output_tokens, cost
 
     def _error_rate(self, model: str, failed: bool) -> None:
@@ -523,11 +529,37 @@ class Gateway:
                 model, candidates, lambda d: d.provider.embed({**body, "model": d.config.model}))
         finally:
             tokens, cost = self._account(caller, model, d, answer and answer.get("usage"),
-                                         started, "ok" if answer else "error")
+                                         started, "ok" if answer else "error",
+                                         operation="embeddings")
             if ticket is not None:
                 await self.limiter.settle(ticket, tokens, cost)
         assert answer is not None
         return {**answer, "model": model}
+
+
+def _trace(caller: Caller, operation: str, model: str, d: _Deployment | None, input_tokens: int,
+           output_tokens: int, cached: int, cost: float, cache: str, status: str,
+           elapsed: float) -> None:
+    """The call's span: the step's, when the call is made in a step (in process), else one of
+    its own (over HTTP), under the caller's traceparent."""
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": operation, "gen_ai.request.model": model,
+        "gen_ai.provider.name": d.config.provider if d is not None else "corral.cache",
+        "gen_ai.usage.input_tokens": input_tokens, "gen_ai.usage.output_tokens": output_tokens,
+        "gen_ai.usage.cache_read.input_tokens": cached, "corral.cost_usd": cost,
+        "corral.cache": cache, "corral.tenant": caller.tenant,
+    }
+    if d is not None:
+        attributes["gen_ai.response.model"] = d.config.model
+        attributes["corral.deployment"] = d.config.name
+    if caller.agent:
+        attributes["gen_ai.agent.name"] = caller.agent
+    if status != "ok":
+        attributes["error.type"] = status
+    name = f"{operation} {model}"
+    if not describe_step(name, attributes):
+        standalone(name, time.time() - elapsed, attributes, status="ok" if status == "ok"
+                   else "error", message="" if status == "ok" else status, parent=caller.trace)
 
 
 async def _chain_head(head: dict[str, Any], rest: AsyncIterator[dict[str, Any]]

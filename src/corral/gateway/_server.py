@@ -31,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..observability._tracing import parse_traceparent
 from ._keys import PREFIX, KeyCache
 from ._router import Caller, Gateway, GatewayError
 
@@ -82,6 +83,41 @@ def create_app(gateway: Gateway, *, master_key: str | None,
                keys: KeyCache | None = None) -> Starlette:
     """The ASGI app. With ``master_key`` or ``keys``, every /v1 request must send a key as its
     Bearer token."""
+
+    async def metrics(request: Request) -> Response:
+        return Response(gateway.metrics.render(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        if status == 405:
+            return _error(GatewayError(405, f"{request.method} is not allowed on "
+                                       f"{request.url.path}", code="method_not_allowed"))
+        return _error(GatewayError(404, f"no route {request.url.path}; the routes are "
+                                   "/v1/chat/completions, /v1/embeddings, /v1/models, "
+                                   "/health and /metrics",
+                                   code="not_found"))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await gateway.close()
+
+    return Starlette(
+        routes=[*routes(gateway, master_key=master_key, keys=keys),
+                Route("/health", health, methods=["GET"]),
+                Route("/metrics", metrics, methods=["GET"])],
+        exception_handlers={HTTPException: not_found},
+        lifespan=lifespan,
+    )
+
+
+def routes(gateway: Gateway, *, master_key: str | None,
+           keys: KeyCache | None = None) -> list[Route]:
+    """The OpenAI-compatible routes, for this server or another (``corral serve``)."""
     max_body = gateway.config.max_body_bytes
     open_door = master_key is None  # (allow_unauthenticated: keys still count if sent)
 
@@ -92,7 +128,8 @@ def create_app(gateway: Gateway, *, master_key: str | None,
         caller = Caller(workflow=headers.get("x-corral-workflow") or None,
                         run_id=headers.get("x-corral-run") or None,
                         agent=headers.get("x-corral-agent") or None,
-                        agent_version=headers.get("x-corral-agent-version") or None)
+                        agent_version=headers.get("x-corral-agent-version") or None,
+                        trace=parse_traceparent(headers.get("traceparent")))
         header = headers.get("authorization", "")
         scheme, _, secret = header.partition(" ")
         if not header and open_door:
@@ -190,37 +227,9 @@ def create_app(gateway: Gateway, *, master_key: str | None,
             {"id": name, "object": "model", "created": 0, "owned_by": "corral"}
             for name in names]})
 
-    async def metrics(request: Request) -> Response:
-        return Response(gateway.metrics.render(),
-                        media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
-    async def not_found(request: Request, exc: Exception) -> Response:
-        status = exc.status_code if isinstance(exc, HTTPException) else 500
-        if status == 405:
-            return _error(GatewayError(405, f"{request.method} is not allowed on "
-                                       f"{request.url.path}", code="method_not_allowed"))
-        return _error(GatewayError(404, f"no route {request.url.path}; the routes are "
-                                   "/v1/chat/completions, /v1/embeddings, /v1/models, "
-                                   "/health and /metrics",
-                                   code="not_found"))
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
-        await gateway.close()
-
-    return Starlette(
-        routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
-                Route("/v1/embeddings", embeddings, methods=["POST"]),
-                Route("/v1/models", models, methods=["GET"]),
-                Route("/health", health, methods=["GET"]),
-                Route("/metrics", metrics, methods=["GET"])],
-        exception_handlers={HTTPException: not_found},
-        lifespan=lifespan,
-    )
+    return [Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"])]
 
 
 async def _sse(head: dict[str, Any], chunks: AsyncIterator[dict[str, Any]]

@@ -39,6 +39,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .._errors import UsageError
+from ..observability._spans import run_span_id, trace_id_for
+from ..observability._tracing import current_run_id, step_ids
 from ..runtime import RetryPolicy, Step
 from ._pii import STRUCTURED_ENTITIES, Redactor, Vault
 from ._policy import Policy, Resource, Subject, load_policy
@@ -339,7 +341,8 @@ class Governance:
             return
         self.log.append(DecisionRecord(
             kind="human_override", tenant=self.tenant, run_id=run_id, decision=what,
-            acting_for=f"user:{_operator()}", inputs=self.redact_json(value)))
+            acting_for=f"user:{_operator()}", inputs=self.redact_json(value),
+            trace_id=trace_id_for(run_id), span_id=run_span_id(run_id)))
         await self.log.flush()
 
     # -- records
@@ -349,7 +352,19 @@ class Governance:
 
     def record(self, record: DecisionRecord) -> None:
         if self.log is not None:
-            self.log.append(record)
+            self.log.append(_traced(record))
+
+
+def _traced(record: DecisionRecord) -> DecisionRecord:
+    """Made in a step: the record names the step's span, so a decision leads to its trace."""
+    if record.trace_id is None:
+        ids = step_ids()
+        if ids is not None:  # (a record's id is given at creation: keep it)
+            object.__setattr__(record, "trace_id", ids[0])
+            object.__setattr__(record, "span_id", ids[1])
+            if record.run_id is None:
+                object.__setattr__(record, "run_id", current_run_id())
+    return record
 
 
 def redact_logs(redactor: Redactor | None) -> None:
@@ -442,7 +457,7 @@ async def _gate(agent: str, version: str, roles: list[str], tool: str, arguments
     denied, record = governance.decide_tool(agent, version, frozenset(roles), tool, args,
                                             resource, principal=acting, token=token)
     if governance.log is not None:
-        governance.log.append(DecisionRecord(**record))
+        governance.log.append(_traced(DecisionRecord(**record)))
         await governance.log.flush()  # (committed before the step is: never lost)
     return denied
 

@@ -1,5 +1,10 @@
-"""Observability: what runs, waits and costs, for Prometheus (traces and the dashboard later)."""
+"""Observability: traces (OpenTelemetry GenAI spans, kept in the store, exported over OTLP),
+run and step metrics for Prometheus, and alerts."""
 
+from ._otlp import OTLPExporter
 from ._runs import RunCollector, run_metrics
+from ._spans import Span
+from ._tracing import Tracing, describe_step, install
 
-__all__ = ["RunCollector", "run_metrics"]
+__all__ = ["OTLPExporter", "RunCollector", "Span", "Tracing", "describe_step", "install",
+           "run_metrics"]

@@ -3,7 +3,9 @@
 - ``corral_runs{status}``: runs by status (queued, running, waiting, completed, failed, ...);
 - ``corral_queue_depth{queue}``: runs due now and not yet claimed, per queue;
 - ``corral_queue_oldest_age_seconds{queue}``: how long the oldest of them has been due: the
-  signal an autoscaler should scale workers on (depth alone hides a stuck queue).
+  signal an autoscaler should scale workers on (depth alone hides a stuck queue);
+- ``corral_step_duration_seconds{step,status}`` and ``corral_model_duration_seconds{model,
+  status}``: histograms of this process's steps and agents' model calls.
 
 Each scrape is two indexed queries on a read-only connection (WAL: it never blocks writers).
 """
@@ -12,11 +14,71 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Timings(Collector):
+    """A latency histogram per (name, status), counted into buckets when scraped (and every
+    few thousand observations, so memory stays bounded)."""
+
+    FOLD_AT = 4096
+
+    def __init__(self, metric: str, help: str, label: str) -> None:
+        self.metric, self.help, self.label = metric, help, label
+        self.series: dict[tuple[str, str], list[float]] = {}
+        self._seen: list[tuple[str, str, float]] = []
+        self._rows: list[list[Any]] = []  # committed journal rows, by batch
+        self._held = 0
+
+    def observe(self, name: str, status: str, seconds: float) -> None:
+        self._seen.append((name, status, seconds))
+        if len(self._seen) >= self.FOLD_AT:
+            self._fold()
+
+    def observe_journal(self, rows: list[Any]) -> None:
+        """A committed batch's journal rows: its steps' durations are in them, so the
+        runtime's step path does nothing for this histogram (one append per batch)."""
+        self._rows.append(rows)
+        self._held += len(rows)
+        if self._held >= self.FOLD_AT:
+            self._fold()
+
+    def _fold(self) -> None:
+        seen, self._seen = self._seen, []
+        batches, self._rows, self._held = self._rows, [], 0
+        for rows in batches:  # (run id, key, kind, name, status, value, started, ended, tries)
+            seen.extend((row[3], row[4], row[7] - row[6]) for row in rows
+                        if row[2] == "step" and row[7] is not None)
+        for name, status, seconds in seen:
+            counts = self.series.get((name, status))
+            if counts is None:
+                counts = self.series[(name, status)] = [0.0] * (len(BUCKETS) + 2)
+            counts[bisect_left(BUCKETS, seconds)] += 1
+            counts[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        self._fold()
+        family = HistogramMetricFamily(self.metric, self.help, labels=[self.label, "status"])
+        for (name, status), counts in list(self.series.items()):
+            cumulative, buckets = 0.0, []
+            for bound, count in zip((*BUCKETS, float("inf")), counts, strict=False):
+                cumulative += count
+                buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
+            family.add_metric([name, status], buckets, counts[-1])
+        yield family
+
+
+# this process's: the runtime observes its steps, agents their model calls
+STEPS = Timings("corral_step_duration_seconds", "Step latency (executed, not replayed)", "step")
+MODELS = Timings("corral_model_duration_seconds", "Model call latency, by the agents", "model")
 
 
 class RunCollector(Collector):
@@ -48,7 +110,10 @@ class RunCollector(Collector):
 
 
 def run_metrics(db: str) -> bytes:
-    """The store's run metrics in Prometheus's text format."""
+    """The store's run metrics and this process's step and model latencies, in Prometheus's
+    text format."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RunCollector(db))
+    registry.register(STEPS)
+    registry.register(MODELS)
     return generate_latest(registry)

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import sys
+import types
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -22,6 +23,7 @@ from .._errors import InvalidInput, NonRetryable, StepFailed, UsageError, Workfl
 from .._serde import adapter, dumps
 
 if TYPE_CHECKING:
+    from ..observability._tracing import SpanSink
     from ._context import Context, _Scope
 
 P = ParamSpec("P")
@@ -33,10 +35,10 @@ O = TypeVar("O")  # noqa: E741
 current_scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
     "corral_scope", default=None
 )
-# In a step body: (run id, workflow name) of the run it is a step of (for cost attribution).
-current_step: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
-    "corral_step", default=None
-)
+# In a step body: (run id, workflow name, journal key, span sink) of the step: for cost
+# attribution, and for the step's span (see observability._tracing.describe_step).
+current_step: contextvars.ContextVar[tuple[str, str, str, SpanSink] | None] = (
+    contextvars.ContextVar("corral_step", default=None))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -327,6 +329,20 @@ def load_workflow(ref: str) -> Workflow[Any, Any]:
             f"no workflow {ref!r}; name it as FILE.py:WORKFLOW or module:WORKFLOW", ref=ref
         )
     where, _, name = ref.rpartition(":")
+    module = _load_module(where, ref)
+    found = getattr(module, name, None)
+    if isinstance(found, Workflow):
+        return found
+    if found is None:
+        defined = sorted(k for k, v in vars(module).items() if isinstance(v, Workflow))
+        hint = f"it defines {', '.join(defined)}" if defined else "it defines no workflow"
+        raise WorkflowNotFound(f"{where} has no workflow {name!r}; {hint}", ref=ref)
+    raise WorkflowNotFound(
+        f"{where}:{name} is not a workflow; decorate it with @corral.workflow", ref=ref
+    )
+
+def _load_module(where: str, ref: str) -> types.ModuleType:
+    """The module of ``where``: a file (``path/to/file.py``) or an importable module."""
     if where.endswith(".py"):
         path = os.path.abspath(where)
         if not os.path.isfile(path):
@@ -356,20 +372,25 @@ def load_workflow(ref: str) -> Workflow[Any, Any]:
             module = importlib.import_module(where)
         except ImportError as exc:
             raise WorkflowNotFound(
-                f"cannot import module {where!r} for workflow {name!r} ({exc}); "
+                f"cannot import module {where!r} ({exc}); "
                 "check the name and sys.path",
                 ref=ref,
             ) from None
-    found = getattr(module, name, None)
-    if isinstance(found, Workflow):
-        return found
-    if found is None:
-        defined = sorted(k for k, v in vars(module).items() if isinstance(v, Workflow))
-        hint = f"it defines {', '.join(defined)}" if defined else "it defines no workflow"
-        raise WorkflowNotFound(f"{where} has no workflow {name!r}; {hint}", ref=ref)
-    raise WorkflowNotFound(
-        f"{where}:{name} is not a workflow; decorate it with @corral.workflow", ref=ref
-    )
+    return module
+
+
+def load_workflows(ref: str) -> list[Workflow[Any, Any]]:
+    """Workflows by ``FILE.py`` or ``module`` (every workflow it defines), or one by
+    ``FILE.py:NAME`` / ``module:NAME``."""
+    if ":" in ref:
+        return [load_workflow(ref)]
+    module = _load_module(ref, ref)
+    found = [v for v in vars(module).values() if isinstance(v, Workflow)]
+    if not found:
+        raise WorkflowNotFound(f"{ref} defines no workflow; decorate one with @corral.workflow",
+                               ref=ref)
+    return found
+
 
 
 def _hints(fn: Callable[..., Any]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import traceback
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from hashlib import blake2b
@@ -41,6 +41,11 @@ from .._errors import (
     UsageError,
 )
 from .._serde import PydanticSerializationError, dumps, loads
+from ..observability._runs import STEPS
+from ..observability._spans import Span, run_span_id, step_span_id, trace_id_for
+from ..observability._traces import child_parent, journal_span, run_span
+from ..observability._tracing import OpenSpan, Tracing, current_span, step_span
+from ..observability._tracing import installed as installed_tracing
 from ..stores import (
     Batch,
     Claimed,
@@ -118,12 +123,14 @@ class _Run:
         "cancel_requested",
         "ctx",
         "evicting",
+        "exported",
         "extras",
         "finalizing",
         "id",
         "idle_check",
         "journal",
         "mail",
+        "notes",
         "record",
         "rt",
         "started",
@@ -160,6 +167,8 @@ class _Run:
         self.started_early = False  # started before its submission committed
         self.unsubmitted = False  # ...and that commit failed: the run never existed
         self.task: asyncio.Task[None] | None = None
+        self.notes: dict[str, tuple[str | None, dict[str, Any]]] | None = None  # step spans
+        self.exported: tuple[str, str, bool] | None = None  # (trace id, run span, sampled)
         self.ctx = Context(self)
         for signal in claimed.signals:
             self.deliver(signal)
@@ -171,6 +180,61 @@ class _Run:
     @property
     def parent_id(self) -> str | None:
         return self.record.parent_id
+
+    @property
+    def tenant(self) -> str | None:
+        return self.record.tenant
+
+    @property
+    def trace_id(self) -> str:
+        return self.record.trace_id or trace_id_for(self.id)
+
+    # -- spans (see observability._tracing) --------------------------------------------------
+
+    def export_ids(self, tracing: Tracing) -> tuple[str, str, bool]:
+        """(trace id, run span id, sampled), hashed once per run."""
+        trace_id = self.trace_id
+        self.exported = (trace_id, run_span_id(self.id), tracing.sampled(trace_id))
+        return self.exported
+
+    def describe(self, key: str, name: str | None, attributes: Mapping[str, Any]) -> None:
+        """A step's body names its span or adds attributes (a model call's tokens...)."""
+        if self.notes is None:
+            self.notes = {}
+        old_name, old = self.notes.get(key, (None, {}))
+        self.notes[key] = (name or old_name, {**old, **attributes})
+
+    def _step_span(self, key: str, step: str, started: float, ended: float,
+                   failure: StepFailed | None, parent: OpenSpan | None) -> None:
+        name, attributes = self.notes.pop(key, (None, {})) if self.notes else (None, {})
+        self.rt._writer.batch.spans.append((self.id, step_span(
+            self.id, self.trace_id, key, name or f"step {step}", started, ended,
+            parent.span_id if parent is not None else run_span_id(self.id),
+            "error" if failure or "error.type" in attributes else "ok",
+            failure.error if failure else str(attributes.get(
+                "corral.error.message", attributes.get("error.type", ""))),
+            {"corral.step": step, "corral.run.id": self.id, **attributes})))
+
+    def open_span(self, name: str, scope: _Scope, attributes: dict[str, Any]) -> OpenSpan:
+        # where the span opens in the run (the key its first operation will take) names it
+        span_id = step_span_id(self.id, f"span:{scope.prefix}{scope.n}:{name}")
+        return OpenSpan(name, span_id, current_span.get(), attributes)
+
+    def close_span(self, span: OpenSpan, failure: BaseException | None) -> None:
+        if not span.live or isinstance(failure, _Evicted) or self.evicting:
+            return  # replayed to its end (emitted before), or not ending: being evicted
+        if span.parent is not None:
+            span.parent.live = True
+        cancelled = isinstance(failure, asyncio.CancelledError)
+        self.rt._writer.batch.spans.append((self.id, Span(
+            trace_id=self.trace_id, span_id=span.span_id,
+            parent_id=span.parent.span_id if span.parent else run_span_id(self.id),
+            name=span.name, start=span.start, end=time.time(),
+            status="error" if failure is not None else "ok",
+            message="cancelled" if cancelled else str(failure or ""),
+            attributes={**span.attributes, "corral.run.id": self.id,
+                        **({"error.type": type(failure).__name__} if failure else {})})))
+        self.rt._writer.pending()
 
     # -- the journal ------------------------------------------------------------------------
 
@@ -216,7 +280,10 @@ class _Run:
                    kwargs: dict[str, Any]) -> Any:
         key = scope.next()
         entry = self._begin(key, "step", step.name)
+        parent = current_span.get()
         if entry is not None:
+            if parent is not None:
+                parent.saw(entry.started_at, False)
             if entry.status == "ok":
                 return step.decode(entry.value or "null")
             raise _step_error(entry)
@@ -227,9 +294,11 @@ class _Run:
                 if self.evicting:  # an earlier write of this run failed
                     raise _Evicted()
             started = time.time()
+            if parent is not None:
+                parent.saw(started, True)
             failure: StepFailed | None = None
             token = current_scope.set(None)  # the body is not workflow code
-            step_token = current_step.set((self.id, self.record.workflow))
+            step_token = current_step.set((self.id, self.record.workflow, key, self))
             try:
                 value, attempts = await step.attempt(args, kwargs, f"{self.id}/{key}")
                 data = dumps(value)
@@ -249,14 +318,19 @@ class _Run:
             finally:
                 current_scope.reset(token)
                 current_step.reset(step_token)
+            ended = time.time()
             if failure is None:
-                self._write(key, "step", step.name, "ok", data, started, time.time(), attempts)
+                self._write(key, "step", step.name, "ok", data, started, ended, attempts)
+                if parent is not None or (self.notes and key in self.notes):
+                    self._step_span(key, step.name, started, ended, None, parent)
                 # what replay will return, so that the code after a step sees the same thing
                 return step.decode(data)
             error = json.dumps({"type": failure.error_type, "message": failure.error,
                                 "attempts": failure.attempts})
-            self._write(key, "step", step.name, "error", error, started, time.time(),
+            self._write(key, "step", step.name, "error", error, started, ended,
                         failure.attempts)
+            if parent is not None or (self.notes and key in self.notes):
+                self._step_span(key, step.name, started, ended, failure, parent)
             raise failure
         finally:
             self.busy -= 1
@@ -337,6 +411,7 @@ class _Run:
                 spec = self.rt._spec(wf, value, child_id, queue or self.record.queue,
                                      self.record.priority if priority is None else priority,
                                      time.time(), None, None, parent_id=self.id)
+                spec.tenant, spec.trace_id = self.record.tenant, self.trace_id
                 position = len(self.rt._writer.batch.submits)
                 self.rt._writer.batch.submits.append(spec)
                 if given:  # an id chosen by the workflow may be taken: find out first
@@ -501,6 +576,10 @@ class _Writer:
                 future.set_result(existing)
                 if batch.signals:
                     self._rt._wake.set()
+                if batch.journal:
+                    STEPS.observe_journal(batch.journal)  # (the step latency histogram)
+                if self._rt.tracing.exporter is not None:
+                    self._rt._export(batch)
             if self._future is None:
                 self._idle.set()
 
@@ -531,6 +610,11 @@ class RunHandle(Generic[O]):
         self.id = run_id
         self._output_type = output_type
         self._fresh = fresh  # just created by this process: no need to look it up first
+
+    @property
+    def created(self) -> bool:
+        """This handle's `start` created the run (False: the id named an existing run)."""
+        return self._fresh
 
     def __repr__(self) -> str:
         return f"RunHandle({self.id!r})"
@@ -575,6 +659,7 @@ class Runtime:
         durability: str = "full",
         lock_timeout: float = 5.0,
         tune_gc: bool = True,
+        tracing: Tracing | None = None,
     ) -> None:
         if isinstance(db, Store):
             self.store: Store = db
@@ -606,6 +691,7 @@ class Runtime:
         self._loop_task: asyncio.Task[None] | None = None
         self._tuned_gc = False
         self._tune_gc = tune_gc
+        self._tracing = tracing
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -628,6 +714,8 @@ class Runtime:
                 "corral needs the event loop's task factory and another one is set; unset it "
                 "(loop.set_task_factory(None)) or run corral on a loop of its own"
             )
+        if self._tracing is None:  # (a mistake in [observability.tracing] fails here, now)
+            self._tracing = installed_tracing()
         loop.set_task_factory(task_factory)
         _factory_users[loop] = _factory_users.get(loop, 0) + 1
         self._writer = _Writer(self)
@@ -670,6 +758,43 @@ class Runtime:
             self._executor.shutdown(wait=True)
             if self._owns_store:
                 self.store.close()
+
+    @property
+    def tracing(self) -> Tracing:
+        """Where spans go beyond the store: the one given, else the process's (corral.toml)."""
+        if self._tracing is None:
+            self._tracing = installed_tracing()
+        return self._tracing
+
+    def _export(self, batch: Batch) -> None:
+        """A committed batch's spans, to the exporter: the explicit ones, the rest made from
+        the journal rows and the runs that finished; only sampled traces'."""
+        tracing = self.tracing
+        if not tracing.sample:
+            return
+        spans = {span.span_id: span for _, span in batch.spans
+                 if tracing.sampled(span.trace_id)}
+        live = self._live
+        for run_id, key, kind, name, status, value, started, ended, attempts in batch.journal:
+            run = live.get(run_id)
+            if run is None or ended is None or kind == "now":
+                continue
+            ids = run.exported or run.export_ids(tracing)
+            if ids[2]:
+                span = journal_span(run_id, ids[0], ids[1], key, kind, name, status, value,
+                                    started, ended, attempts)
+                spans.setdefault(span.span_id, span)
+        for run_id, status, _, error, ended in batch.finished:
+            run = live.get(run_id)
+            if run is not None and (run.exported or run.export_ids(tracing))[2]:
+                record = run.record
+                parent = (child_parent(run_id, record.parent_id) if record.parent_id
+                          else None)
+                spans[run_span_id(run_id)] = run_span(
+                    record.id, run.trace_id, record.workflow, parent, record.tenant,
+                    record.created_at, record.started_at or record.created_at, ended, status,
+                    error)
+        tracing.export(list(spans.values()))
 
     @property
     def healthy(self) -> bool:
@@ -758,12 +883,16 @@ class Runtime:
         delay: float | timedelta | None = None,
         concurrency_key: str | None = None,
         concurrency_limit: int | None = None,
+        tenant: str | None = None,
+        trace_id: str | None = None,
     ) -> RunHandle[O]:
         """Submit a run and return its handle once the submission is durable.
 
         ``id`` makes submission idempotent: the same id again returns the first run.
         ``priority``: higher runs first. ``run_at``/``delay`` defer it. ``concurrency_key`` with
-        ``concurrency_limit`` caps how many runs sharing the key execute at once.
+        ``concurrency_limit`` caps how many runs sharing the key execute at once. ``tenant``
+        is whose run it is (its model calls are on that tenant's account); ``trace_id`` (32
+        hex digits) puts its spans in the caller's trace.
         """
         if not isinstance(workflow, Workflow):
             raise UsageError(f"start() takes a @corral.workflow, not {workflow!r}")
@@ -771,10 +900,15 @@ class Runtime:
             raise UsageError("concurrency_key and concurrency_limit go together; pass both")
         if concurrency_limit is not None and concurrency_limit < 1:
             raise UsageError(f"concurrency_limit must be at least 1, not {concurrency_limit}")
+        if trace_id is not None and (len(trace_id) != 32 or trace_id.strip("0123456789abcdef")
+                                     or not trace_id.strip("0")):
+            raise UsageError(f"trace_id must be 32 lowercase hex digits, not all zero (a W3C "
+                             f"trace id), not {trace_id!r}")
         value = workflow.validate_input(input)
         when = start_time(run_at, delay)
         spec = self._spec(workflow, value, id, queue, priority, when, concurrency_key,
                           concurrency_limit)
+        spec.tenant, spec.trace_id = tenant, trace_id
         now = time.time()
         # A worker that can execute the run now takes it at once: no claim round trip. With a
         # fresh id (it cannot exist yet) the run starts before the submission commits; its
@@ -822,6 +956,13 @@ class Runtime:
         return await self._call(
             functools.partial(self.store.list_runs, status=status, workflow=workflow,
                               limit=limit))
+
+    def awaiting(self) -> dict[str, tuple[str, ...]]:
+        """Runs in this worker's memory waiting for signals now, and the signals' names (the
+        store marks a run waiting only once it is evicted, after ``idle_after``)."""
+        return {run_id: names for run_id, run in self._live.items() if run.waits
+                and (names := tuple(n for w in run.waits.values() for n in w.names
+                                    if not n.startswith("$")))}
 
     async def journal(self, run_id: str) -> list[JournalEntry]:
         """What the run has done so far: one entry per durable operation, in order."""

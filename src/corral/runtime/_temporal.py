@@ -51,6 +51,9 @@ from .._errors import (
     UsageError,
 )
 from .._serde import PydanticSerializationError, dumps, loads
+from ..observability._spans import run_span_id, trace_id_for
+from ..observability._tracing import installed as installed_tracing
+from ..observability._tracing import step_span
 from ..stores import JournalEntry, RunRecord
 from ..stores.blobs import BlobStore
 from ._context import (
@@ -507,9 +510,13 @@ async def run_step(call: dict[str, Any]) -> tuple[int, str]:
                                    non_retryable=True) from None
     last = info.attempt >= step.retry.max_attempts
     beat = asyncio.create_task(_heartbeat(info.heartbeat_timeout))
-    current_step.set((info.workflow_id or "", call["workflow"]))  # (its own context)
+    run_id = info.workflow_id or ""
+    spans = _StepSpans()
+    current_step.set((run_id, call["workflow"], call["key"], spans))  # (its own context)
+    started, failed = time.time(), True
     try:
         value = await step.once(args, kwargs, call["key"])
+        failed = False
         return info.attempt, dumps(value).decode()
     except PydanticSerializationError as exc:
         raise tex.ApplicationError(
@@ -525,6 +532,34 @@ async def run_step(call: dict[str, Any]) -> tuple[int, str]:
         ) from None
     finally:
         beat.cancel()
+        spans.export(run_id, call["key"], step.name, started, failed, info.attempt)
+
+
+class _StepSpans:
+    """A step's span on Temporal: each attempt is exported as it ends (activities are never
+    replayed; there is no local store to keep spans in)."""
+
+    tenant: str | None = None
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.attributes: dict[str, Any] = {}
+
+    def describe(self, key: str, name: str | None, attributes: Mapping[str, Any]) -> None:
+        self.name = name or self.name
+        self.attributes.update(attributes)
+
+    def export(self, run_id: str, key: str, step: str, started: float, failed: bool,
+               attempt: int) -> None:
+        tracing = installed_tracing()
+        if tracing.exporter is None or not tracing.sampled(trace_id_for(run_id)):
+            return
+        span = step_span(run_id, trace_id_for(run_id), f"{key}#{attempt}",
+                         self.name or f"step {step}", started, time.time(),
+                         run_span_id(run_id), "error" if failed else "ok", "",
+                         {"corral.step": step, "corral.run.id": run_id,
+                          "corral.attempts": attempt, **self.attributes})
+        tracing.export([span])
 
 
 async def _heartbeat(timeout: timedelta | None) -> None:

@@ -8,9 +8,14 @@ same interface for a cluster.
 from __future__ import annotations
 
 import abc
+import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from .._errors import RunConflict
+
+if TYPE_CHECKING:
+    from ..observability._spans import Span
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 
@@ -34,6 +39,9 @@ class RunSpec:
     """Set when the submitting worker executes the run itself: it is inserted already claimed."""
     generated_id: bool = False
     """The id was generated for this submission, so no run can have it yet."""
+    tenant: str | None = None
+    trace_id: str | None = None
+    """The trace the run joins (a child joins its parent's; a caller may pass its own)."""
 
     def record(self, now: float) -> RunRecord:
         """The run as the store holds it right after inserting this spec."""
@@ -44,7 +52,7 @@ class RunSpec:
             concurrency_key=self.concurrency_key, concurrency_limit=self.concurrency_limit,
             parent_id=self.parent_id, owner=self.owner, cancel_requested=False, result=None,
             error=None, created_at=now, started_at=now if self.owner else None, ended_at=None,
-            attempts=1 if self.owner else 0,
+            attempts=1 if self.owner else 0, tenant=self.tenant, trace_id=self.trace_id,
         )
 
 
@@ -70,10 +78,29 @@ class RunRecord:
     started_at: float | None
     ended_at: float | None
     attempts: int
+    tenant: str | None = None
+    trace_id: str | None = None
+    waiting_on: tuple[str, ...] = ()
+    """The signals a waiting run waits for."""
 
     @property
     def finished(self) -> bool:
         return self.status in TERMINAL
+
+    def as_dict(self) -> dict[str, Any]:
+        """The run as JSON values (input, result and error decoded)."""
+        return {
+            "id": self.id, "workflow": self.workflow, "status": self.status,
+            "queue": self.queue, "priority": self.priority, "run_at": self.run_at,
+            "concurrency_key": self.concurrency_key, "concurrency_limit": self.concurrency_limit,
+            "parent_id": self.parent_id, "cancel_requested": self.cancel_requested,
+            "input": json.loads(self.input),
+            "result": None if self.result is None else json.loads(self.result),
+            "error": None if self.error is None else json.loads(self.error),
+            "created_at": self.created_at, "started_at": self.started_at,
+            "ended_at": self.ended_at, "attempts": self.attempts, "tenant": self.tenant,
+            "waiting_on": [n for n in self.waiting_on if not n.startswith("$")],
+        }
 
 
 @dataclass(slots=True, kw_only=True)
@@ -130,6 +157,8 @@ class Batch:
     """(run_id, wake_at, signal names waited on): runs evicted from memory while they wait."""
     released: list[tuple[str, float]] = field(default_factory=list)
     """(run_id, run_at): runs handed back to the queue, e.g. by a worker shutting down."""
+    spans: list[tuple[str, Span]] = field(default_factory=list)
+    """(run_id, span): spans with more to say than the journal (see observability)."""
 
 
 def check_resubmission(existing: RunRecord, spec: RunSpec) -> None:
@@ -170,9 +199,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list_runs(
-        self, *, status: str | None = None, workflow: str | None = None, limit: int = 50
+        self, *, status: str | None = None, workflow: str | None = None, limit: int = 50,
+        tenant: str | None = None, before: tuple[float, str] | None = None,
     ) -> list[RunRecord]:
-        """Newest first."""
+        """Newest first; ``before`` = (created_at, id) of the last run of the previous page."""
+
+    @abc.abstractmethod
+    def trace(self, run_id: str) -> tuple[list[RunRecord], dict[str, list[JournalEntry]],
+                                          list[Span]]:
+        """The run and its descendants, their journals, and their stored spans."""
 
     @abc.abstractmethod
     def outcomes(self, run_ids: list[str]) -> dict[str, Outcome]:

@@ -12,6 +12,7 @@ from hashlib import blake2b
 from typing import Any
 
 from .._errors import RunFinished, RunNotFound, StoreError, UsageError
+from ..observability._spans import Span
 from ._base import (
     TERMINAL,
     Batch,
@@ -24,7 +25,7 @@ from ._base import (
     Store,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -84,10 +85,25 @@ CREATE TABLE IF NOT EXISTS signals (
 CREATE INDEX IF NOT EXISTS signals_pending ON signals(run_id) WHERE consumed_key IS NULL;
 """
 
+# Version 2: tenants and traces. Each upgrade is one transaction, applied in order.
+_UPGRADES = {
+    2: """
+ALTER TABLE runs ADD COLUMN tenant TEXT;
+ALTER TABLE runs ADD COLUMN trace_id TEXT;
+CREATE INDEX IF NOT EXISTS runs_tenant ON runs(tenant, created_at);
+CREATE TABLE IF NOT EXISTS spans (
+    run_id TEXT NOT NULL,
+    span_id TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (run_id, span_id)
+);
+""",
+}
+
 _RUN_COLUMNS = (
     "id, workflow, ref, input, input_hash, status, queue, priority, run_at, concurrency_key,"
     " concurrency_limit, parent_id, owner, cancel_requested, result, error, created_at,"
-    " started_at, ended_at, attempts"
+    " started_at, ended_at, attempts, tenant, trace_id, waiting_on"
 )
 
 # Values at least this long are split: every JSON object, array or string of at least
@@ -127,6 +143,9 @@ def _run(row: Sequence[Any]) -> RunRecord:
         started_at=row[17],
         ended_at=row[18],
         attempts=row[19],
+        tenant=row[20],
+        trace_id=row[21],
+        waiting_on=tuple(row[22].split("\n")) if row[22] else (),
     )
 
 
@@ -259,6 +278,7 @@ class SQLiteStore(Store):
         if version == 0:
             tables = db.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+                " AND name NOT LIKE 'corral\\_%' ESCAPE '\\'"  # (the shared records' tables)
             ).fetchall()
             if tables:
                 raise StoreError(
@@ -270,13 +290,16 @@ class SQLiteStore(Store):
             db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
         db.execute("PRAGMA cache_size=-65536")  # KiB: the hot part of the journal stays cached
-        if version == 0:
+        scripts = [(1, _SCHEMA)] if version == 0 else []
+        scripts += [(v, _UPGRADES[v]) for v in range(max(version, 1) + 1, SCHEMA_VERSION + 1)]
+        for target, script in scripts:
             db.execute("BEGIN IMMEDIATE")
             try:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                if db.execute("PRAGMA user_version").fetchone()[0] < target:  # not raced
+                    for statement in script.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute(f"PRAGMA user_version={target}")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -308,19 +331,26 @@ class SQLiteStore(Store):
             else:
                 new.append(spec)
                 first[spec.id] = spec
-        _many(
-            db,
-            "INSERT OR IGNORE INTO runs (id, workflow, ref, input, input_hash, status, queue,"
-            " priority, run_at, concurrency_key, concurrency_limit, parent_id, created_at,"
-            " owner, started_at, attempts) VALUES ",
-            [
-                (s.id, s.workflow, s.ref, s.input, s.input_hash,
-                 "running" if s.owner else "queued", s.queue, s.priority, s.run_at,
-                 s.concurrency_key, s.concurrency_limit, s.parent_id, now, s.owner,
-                 now if s.owner else None, 1 if s.owner else 0)
-                for s in new
-            ],
-        )
+        # (runs without a tenant or trace leave those columns out: sqlite3 binds each None
+        # through a slow adapter lookup, a measurable cost per run at thousands of runs/s)
+        plain = [s for s in new if s.tenant is None and s.trace_id is None]
+        for group, extra in ((plain, ""), ([s for s in new if s.tenant is not None
+                                            or s.trace_id is not None], ", tenant, trace_id")):
+            if group:
+                _many(
+                    db,
+                    "INSERT OR IGNORE INTO runs (id, workflow, ref, input, input_hash, status,"
+                    " queue, priority, run_at, concurrency_key, concurrency_limit, parent_id,"
+                    f" created_at, owner, started_at, attempts{extra}) VALUES ",
+                    [
+                        (s.id, s.workflow, s.ref, s.input, s.input_hash,
+                         "running" if s.owner else "queued", s.queue, s.priority, s.run_at,
+                         s.concurrency_key, s.concurrency_limit, s.parent_id, now, s.owner,
+                         now if s.owner else None, 1 if s.owner else 0,
+                         *((s.tenant, s.trace_id) if extra else ()))
+                        for s in group
+                    ],
+                )
         children = [s.id for s in new if s.parent_id is not None]
         for chunk in _chunks(children):  # a child of a run being cancelled is cancelled too
             db.execute(
@@ -499,6 +529,10 @@ class SQLiteStore(Store):
                     " THEN ? ELSE ? END WHERE id = ?",
                     ("\n".join(names), run_id, *names, now, wake_at, run_id),
                 )
+            if batch.spans:
+                _many(db, "INSERT OR REPLACE INTO spans (run_id, span_id, data) VALUES ",
+                      [(run_id, span.span_id, json.dumps(span.as_dict(), default=str))
+                       for run_id, span in batch.spans])
             if batch.released:
                 db.executemany(
                     "UPDATE runs SET status = 'queued', owner = NULL, run_at = ? WHERE id = ?"
@@ -530,21 +564,43 @@ class SQLiteStore(Store):
         return _run(row)
 
     def list_runs(
-        self, *, status: str | None = None, workflow: str | None = None, limit: int = 50
+        self, *, status: str | None = None, workflow: str | None = None, limit: int = 50,
+        tenant: str | None = None, before: tuple[float, str] | None = None,
     ) -> list[RunRecord]:
-        where, args = [], []
-        if status is not None:
-            where.append("status = ?")
-            args.append(status)
-        if workflow is not None:
-            where.append("workflow = ?")
-            args.append(workflow)
+        where: list[str] = []
+        args: list[Any] = []
+        for column, value in (("status", status), ("workflow", workflow), ("tenant", tenant)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if before is not None:
+            where.append("(created_at, id) < (?, ?)")
+            args.extend(before)
         sql = f"SELECT {_RUN_COLUMNS} FROM runs"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         with self._guard() as db:
             return [_run(r) for r in db.execute(sql, (*args, limit)).fetchall()]
+
+    def trace(self, run_id: str) -> tuple[list[RunRecord], dict[str, list[JournalEntry]],
+                                          list[Span]]:
+        runs = [self.get_run(run_id)]
+        with self._guard() as db:
+            frontier = [run_id]
+            while frontier and len(runs) < 10_000:  # children, grandchildren...
+                found = [_run(r) for r in db.execute(
+                    f"SELECT {_RUN_COLUMNS} FROM runs WHERE parent_id IN"
+                    f" ({','.join('?' * len(frontier))})", frontier)]
+                runs.extend(found)
+                frontier = [r.id for r in found][:500]
+            entries = self._journals(db, [r.id for r in runs])
+            journals = {r.id: list(entries.get(r.id, {}).values()) for r in runs}
+            spans = [Span(**json.loads(data)) for chunk in _chunks([r.id for r in runs])
+                     for (data,) in db.execute(
+                         f"SELECT data FROM spans WHERE run_id IN ({','.join('?' * len(chunk))})",
+                         chunk)]
+        return runs, journals, spans
 
     def outcomes(self, run_ids: list[str]) -> dict[str, Outcome]:
         out: dict[str, Outcome] = {}

@@ -1,0 +1,40 @@
+"""What the HTTP load benchmarks share: a free port, the machine's busy CPU time, and wrk's
+open-loop pacing in Lua."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def busy_seconds() -> float:
+    """CPU time all cores spent busy since boot (everything but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+# Lua for wrk: with BENCH_RATE set, every request takes the next slot of one absolute schedule
+LUA_PACING = """\
+-- open-loop pacing: every request takes the next slot of one absolute schedule (rate/s),
+-- whichever connection is free; a late slot is sent at once (the backlog is never dropped)
+local rate = tonumber(os.getenv("BENCH_RATE") or "0")
+if rate > 0 then
+  local interval, next_at = 1000 / rate, nil
+  function delay()
+    local now = now_ms()
+    if next_at == nil then next_at = now end
+    local wait = next_at - now
+    next_at = next_at + interval
+    if wait < 0 then return 0 end
+    return wait
+  end
+end
+"""
