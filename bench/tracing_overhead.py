@@ -1,31 +1,33 @@
 """What tracing and metrics cost per durable step: runtime_throughput's workload (many concurrent
-runs of a 3-step workflow with trivial steps, durability "full") three ways, side by side.
+runs of a 3-step workflow with trivial steps, durability "full") four ways, side by side.
 
 - A, baseline: the code before tracing and metrics (commit 3bce7e7, checked out in a git
   worktree, /tmp/corral-baseline-3bce7e7, made if missing);
 - B, the current code with its defaults: spans derived from the journal when read (nothing more
   is written for trivial steps), the step latency histogram observed for every step, no
   exporter;
-- C, the current code exporting every span over OTLP/HTTP: each committed batch's journal rows
-  and finished runs become spans (3 steps and 1 run per run), queued for the exporter's thread,
-  which encodes, gzips and POSTs them in batches of 512 to a receiver in another process (it
-  answers 200 and keeps the bodies; it decodes them only between trials, with opentelemetry-
-  proto when installed, to count the spans that arrived).
+- C, the current code exporting every span over OTLP/HTTP the default way: the worker stores
+  each run's span as it ends, and its span shipper (a process of its own) tails the store,
+  builds the spans (3 steps and 1 run per run), encodes, gzips and POSTs them to a receiver in
+  another process (it answers 200 and keeps the bodies; it decodes them only between trials,
+  with opentelemetry-proto, to count the spans that arrived);
+- D, the same export from the worker's own thread (``export = "thread"``): each committed
+  batch's spans queued in memory, sent in batches of 512.
 
     python bench/tracing_overhead.py [--runs 30000] [--concurrency 1000] [--repeat 5]
 
-Trials go round-robin (A, B, C, A, B, C, ...) so that machine noise hits every variant alike;
+Trials go round-robin (A, B, C, D, A, B, ...) so that machine noise hits every variant alike;
 each is a fresh process on a fresh SQLite file, running the current code from a copy of src/
 taken at the start (others may edit src/ meanwhile) or the baseline's. The timed section is
-the runs alone (runtime_throughput's also holds its memory samples); in C the exporter's final
-flush is timed apart and every span is checked: sent, not dropped or failed, and received.
-Each trial also takes the CPU time its process spent in the timed section (every thread: the
-event loop's, SQLite's, the exporter's; the receiver's is not counted), per step: on a busy
-machine it moves less than steps/s does. Then, in one more process, a microbenchmark of the
-pieces each step pays for. Each trial prints a line on stderr; the result is one JSON line on
-stdout: median steps/s per variant, B and C against A as overhead percent
-((1 - ratio) * 100), from the medians and from each round's own pair (the median of the
-per-round ratios), and as added CPU per step.
+the runs alone; closing the runtime is timed apart (in C it waits for the shipper to send what
+is committed: the backlog at the end), and every span is checked: received, once. Each trial
+also takes the CPU time its process spent in the timed section (every thread: the event
+loop's, SQLite's, the exporter's; the receiver's is not counted), per step, and for C the
+shipper's CPU (its whole life, start-up included). Then, in one more process, a
+microbenchmark of the pieces each step pays for. Each trial prints a line on stderr; the
+result is one JSON line on stdout: median steps/s per variant, B, C and D against A as
+overhead percent ((1 - ratio) * 100), from the medians and from each round's own pair (the
+median of the per-round ratios), and as added CPU per step.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ REPO = Path(__file__).resolve().parent.parent
 BASELINE = "3bce7e7"
 BASELINE_TREE = Path(f"/tmp/corral-baseline-{BASELINE}")
 VARIANTS = {"A": "baseline 3bce7e7", "B": "current, defaults (no exporter)",
-            "C": "current, OTLP export", "D": "current, OTLP export of 10% of traces"}
+            "C": "current, OTLP export of every span by the span shipper (the default)",
+            "D": "current, OTLP export of every span from the worker's thread"}
 EXPORTING = ("C", "D")
 
 
@@ -90,10 +93,13 @@ async def trial(variant: str, runs: int, concurrency: int, endpoint: str | None,
         from corral.observability._tracing import Tracing
 
         exporter = OTLPExporter(endpoint or "")
-        options["tracing"] = Tracing(exporter=exporter, sample=0.1 if variant == "D" else 1.0)
+        options["tracing"] = Tracing(exporter=exporter,
+                                     export="process" if variant == "C" else "thread")
     out: dict[str, Any] = {"variant": variant}
-    async with corral.Runtime(folder / "bench.db", max_runs=2 * concurrency, durability="full",
-                              **options) as rt:
+    rt = corral.Runtime(folder / "bench.db", max_runs=2 * concurrency, durability="full",
+                        **options)
+    await rt.open()
+    try:
         if variant == "B":
             assert rt.tracing.exporter is None, "variant B found an exporter configured"
         next_run = iter(range(runs))
@@ -110,11 +116,19 @@ async def trial(variant: str, runs: int, concurrency: int, endpoint: str | None,
         out.update(steps_per_s=round(runs * 3 / elapsed), seconds=round(elapsed, 3),
                    cpu_us_per_step=round(cpu / (runs * 3) * 1e6, 2),
                    loop_cpu_us_per_step=round(loop_cpu / (runs * 3) * 1e6, 2))
-        if exporter is not None:  # (after the timed section)
+        if variant == "D":  # (after the timed section)
             out["queued_at_end"] = len(exporter._queue)
             started = time.perf_counter()
             out["flushed"] = exporter.flush(120)
             out["flush_s"] = round(time.perf_counter() - started, 3)
+    finally:
+        started = time.perf_counter()
+        await rt.close()  # (C: the shipper sends what is committed, then leaves)
+        out["close_s"] = round(time.perf_counter() - started, 3)
+    if variant == "C":  # the shipper's CPU, start to end (its imports included)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out["shipper_cpu_us_per_step"] = round(
+            (children.ru_utime + children.ru_stime) / (runs * 3) * 1e6, 2)
     if exporter is not None:
         exporter.flush(120)  # (whatever closing the runtime added)
         exporter.close()
@@ -399,19 +413,21 @@ def main() -> None:
                                    for t, a in zip(trials[v], trials["A"], strict=True))
               for v in ("B", "C", "D")}
     expected_spans = args.runs * 4  # per run: 3 steps and the run
-    exported = {v: [{"sent": t["sent"], "dropped": t["dropped"], "failed": t["failed"],
-                     "received": t["received"].get("spans"),
+    exported = {v: [{"received": t["received"].get("spans"),
                      "unique_received": t["received"].get("unique_spans"),
                      "requests": t["received"]["requests"], "bytes": t["received"]["bytes"],
-                     "queued_at_end": t["queued_at_end"], "flush_s": t["flush_s"]}
+                     "close_s": t["close_s"],
+                     **({"sent": t["sent"], "dropped": t["dropped"], "failed": t["failed"],
+                         "queued_at_end": t["queued_at_end"], "flush_s": t["flush_s"]}
+                        if v == "D" else {})}
                     for t in trials[v]] for v in EXPORTING}
-    complete = all(e["sent"] == e["unique_received"] and not e["dropped"] and not e["failed"]
-                   for v in EXPORTING for e in exported[v]) and all(
-        e["sent"] == expected_spans for e in exported["C"])
+    complete = all(e["unique_received"] == expected_spans
+                   for v in EXPORTING for e in exported[v])
+    shipper = statistics.median(t["shipper_cpu_us_per_step"] for t in trials["C"])
     dirty = git("status", "--porcelain", "--", "src")
     print(json.dumps({
         "bench": "tracing_overhead", "runs": args.runs, "concurrency": args.concurrency,
-        "durability": "full", "repeat": args.repeat, "order": "round-robin A,B,C",
+        "durability": "full", "repeat": args.repeat, "order": "round-robin A,B,C,D",
         "variants": VARIANTS,
         "steps_per_s_median": {v: round(m) for v, m in medians.items()},
         "overhead_pct_of_medians": {v: overhead(medians[v] / medians["A"])
@@ -425,6 +441,10 @@ def main() -> None:
         "cpu_us_per_step_median": cpu,
         "cpu_overhead_pct": {v: round((cpu[v] / cpu["A"] - 1) * 100, 2)
                              for v in ("B", "C", "D")},
+        # the shipper's own process, for C (its start-up included): the CPU export costs,
+        # spent on another core
+        "shipper_cpu_us_per_step_median": shipper,
+        "cpu_us_per_step_C_with_shipper": round(cpu["C"] + shipper, 2),
         "loop_thread_cpu_us_per_step_median": loop_cpu,
         "loop_thread_cpu_overhead_pct": {v: round((loop_cpu[v] / loop_cpu["A"] - 1) * 100, 2)
                                          for v in ("B", "C", "D")},
@@ -433,7 +453,7 @@ def main() -> None:
         "load_1min_before_trials": {v: [t["load_1min_before"] for t in ts]
                                     for v, ts in trials.items()},
         "histogram_observations_B": [t["histogram_observations"] for t in trials["B"]],
-        "spans_expected_per_trial_C": expected_spans,
+        "spans_expected_per_trial": expected_spans,
         "spans_exported_per_trial": exported,
         "all_spans_exported": complete,
         "micro": micro,

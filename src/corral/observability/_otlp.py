@@ -351,8 +351,8 @@ class OTLPExporter:
         self._dropping = False  # in a burst of drops (one warning for it)
         self._closing = self._closed = False
         self._stop = threading.Event()  # set by close(): stop waiting to retry
-        self._thread = threading.Thread(target=self._run, name="corral-otlp", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # started by the first export
+        self._client: httpx.Client | None = None  # deliver()'s
 
     def export(self, spans: Iterable[Span]) -> None:
         """Queue spans to send. Never blocks on the network; past ``max_queue``, drops."""
@@ -360,6 +360,10 @@ class OTLPExporter:
         if not spans:
             return
         with self._wake:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name="corral-otlp",
+                                                daemon=True)
+                self._thread.start()
             room = 0 if self._closed else self.max_queue - len(self._queue)
             taken = spans[:room] if room < len(spans) else spans
             self._queue.extend(taken)
@@ -380,6 +384,8 @@ class OTLPExporter:
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every span queued so far is sent or given up on; False on timeout."""
         with self._wake:
+            if self._thread is None:
+                return True  # (nothing was ever queued)
             target = self._queued
             self._flushing += 1
             self._wake.notify_all()
@@ -401,7 +407,10 @@ class OTLPExporter:
             self._closed = True
             self._wake.notify_all()
         self._stop.set()
-        self._thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
+        if self._client is not None:
+            self._client.close()
 
     def __enter__(self) -> OTLPExporter:
         return self
@@ -438,7 +447,7 @@ class OTLPExporter:
                 if not batch:
                     continue
                 try:
-                    sent = self._send(client, batch)
+                    sent = self._send(client, batch)[0]
                 except Exception:  # (a bug here must not kill the thread: spans would pile up)
                     log.exception("OTLP exporter failed to send %d spans to %s", len(batch),
                                   self.endpoint)
@@ -462,11 +471,27 @@ class OTLPExporter:
             body = gzip.compress(body, compresslevel=1)  # (4x cheaper than 6, 6% larger)
         return body, len(encoded)
 
-    def _send(self, client: httpx.Client, batch: list[Span]) -> int:
-        """POST one batch, retrying what may be retried; how many spans the collector took."""
+    def deliver(self, spans: list[Span]) -> bool:
+        """Send ``spans`` now, in one request, retrying what may be retried (for the shipper,
+        which keeps its spans in the store until they are delivered). False: the collector
+        could not be reached or asked to retry, every attempt; the spans are not taken. True:
+        they were taken (or refused for good, and logged; sending again would not help)."""
+        if self._client is None:
+            self._client = httpx.Client(timeout=self.timeout, headers=self.headers)
+        sent, retry = self._send(self._client, spans, quiet=True)
+        with self._wake:
+            self.sent += sent
+            if not retry:
+                self.failed += len(spans) - sent
+        return not retry
+
+    def _send(self, client: httpx.Client, batch: list[Span],
+              quiet: bool = False) -> tuple[int, bool]:
+        """POST one batch, retrying what may be retried: how many spans the collector took,
+        and whether the rest may still be sent (the attempts ran out on a retryable failure)."""
         body, count = self._encode(batch)
         if not count:
-            return 0
+            return 0, False
         problem = ""
         for attempt in range(self.attempts):
             delay: float | None = None
@@ -480,12 +505,12 @@ class OTLPExporter:
                     if rejected > 0:
                         log.warning("OTLP collector at %s rejected %d of %d spans: %s",
                                     self.endpoint, rejected, count, message or "(no reason)")
-                    return count - min(rejected, count)
+                    return count - min(rejected, count), False
                 problem = f"HTTP {response.status_code}"
                 if response.status_code not in _RETRY_STATUSES:
                     log.warning("OTLP collector at %s answered %s, dropped %d spans: %s",
                                 self.endpoint, problem, count, response.text[:200])
-                    return 0
+                    return 0, False
                 delay = _retry_after(response)
             if attempt + 1 == self.attempts:
                 break
@@ -493,7 +518,13 @@ class OTLPExporter:
                 delay = self.backoff * 2 ** attempt * random.uniform(1.0, 1.25)
             if self._stop.wait(min(delay, _MAX_DELAY)):  # (closing: give up now)
                 break
-        log.warning("OTLP exporter gave up on %d spans after %d attempt%s to %s; last: %s; "
-                    "they are dropped (is the collector up, and does it take OTLP/HTTP there?)",
-                    count, attempt + 1, "" if attempt == 0 else "s", self.endpoint, problem)
-        return 0
+        if quiet:
+            log.warning("OTLP collector at %s not reached after %d attempt%s (last: %s); "
+                        "%d spans wait to be sent again", self.endpoint, attempt + 1,
+                        "" if attempt == 0 else "s", problem, count)
+        else:
+            log.warning("OTLP exporter gave up on %d spans after %d attempt%s to %s; last: %s; "
+                        "they are dropped (is the collector up, and does it take OTLP/HTTP "
+                        "there?)", count, attempt + 1, "" if attempt == 0 else "s",
+                        self.endpoint, problem)
+        return 0, True

@@ -16,7 +16,15 @@ headers_env = "CORRAL_OTLP_HEADERS"          # "key=value,key=value", from the e
 service_name = "corral"                      # or $OTEL_SERVICE_NAME
 content = false                              # prompts and answers on chat spans (redacted)
 sample = 1.0                                 # the share of traces exported (by trace id)
+export = "process"                           # or "thread": see below
 ```
+
+An embedded worker exports from a process of its own, the span shipper (`_shipper`), which
+tails the store: the worker pays nothing more than keeping its spans, and spans wait in the
+store, not in memory, while the collector is down. ``export = "thread"`` exports each committed
+batch from a thread of the worker instead (spans queued in memory; dropped past the queue's
+bound). Spans that are in no store (the HTTP gateway's, a Temporal worker's) always go from
+the thread.
 """
 
 from __future__ import annotations
@@ -87,7 +95,10 @@ class Tracing:
 
     def __init__(self, *, exporter: Any = None, content: bool = False,
                  redactor: Redactor | None = None, service_name: str = "corral",
-                 sample: float = 1.0) -> None:
+                 sample: float = 1.0, export: str = "process") -> None:
+        if export not in ("process", "thread"):
+            raise UsageError(f"observability.tracing.export is 'process' (a span shipper "
+                             f"tailing the store) or 'thread' (from the worker), not {export!r}")
         if not 0 <= sample <= 1:
             raise UsageError(f"observability.tracing.sample is the share of traces exported, "
                              f"from 0 to 1, not {sample!r}")
@@ -95,6 +106,7 @@ class Tracing:
         self.content = content
         self.service_name = service_name
         self.sample = sample
+        self.export_from = export
         self._threshold = int(sample * 2**32)
         self._redactor = redactor
 
@@ -107,7 +119,7 @@ class Tracing:
     def from_config(cls, config: Config, env: Mapping[str, str] | None = None) -> Tracing:
         env = os.environ if env is None else env
         section = ((config.sections or {}).get("observability") or {}).get("tracing") or {}
-        known = {"otlp_endpoint", "headers_env", "service_name", "content", "sample"}
+        known = {"otlp_endpoint", "headers_env", "service_name", "content", "sample", "export"}
         unknown = set(section) - known
         if unknown:
             raise UsageError(f"{config.source}: observability.tracing has no "
@@ -143,7 +155,8 @@ class Tracing:
                                        ""), config.source)
             exporter = OTLPExporter(endpoint, headers=headers,
                                     resource={"service.name": service})
-        return cls(exporter=exporter, content=content, service_name=service, sample=sample)
+        return cls(exporter=exporter, content=content, service_name=service, sample=sample,
+                   export=section.get("export", "process"))
 
     @property
     def redactor(self) -> Redactor:

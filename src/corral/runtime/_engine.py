@@ -42,6 +42,7 @@ from .._errors import (
 )
 from .._serde import PydanticSerializationError, dumps, loads
 from ..observability._runs import STEPS
+from ..observability._shipper import ShipperProcess, settings_for
 from ..observability._spans import Span, run_span_id, step_span_id, trace_id_for
 from ..observability._traces import child_parent, journal_span, run_span
 from ..observability._tracing import OpenSpan, Tracing, current_span, step_span
@@ -196,6 +197,14 @@ class _Run:
         trace_id = self.trace_id
         self.exported = (trace_id, run_span_id(self.id), tracing.sampled(trace_id))
         return self.exported
+
+    def span(self, status: str, error: str | None, ended: float) -> Span:
+        """The run's ``invoke_workflow`` span, as it ends."""
+        record = self.record
+        parent = child_parent(self.id, record.parent_id) if record.parent_id else None
+        return run_span(record.id, self.trace_id, record.workflow, parent, record.tenant,
+                        record.created_at, record.started_at or record.created_at, ended,
+                        status, error)
 
     def describe(self, key: str, name: str | None, attributes: Mapping[str, Any]) -> None:
         """A step's body names its span or adds attributes (a model call's tokens...)."""
@@ -578,7 +587,7 @@ class _Writer:
                     self._rt._wake.set()
                 if batch.journal:
                     STEPS.observe_journal(batch.journal)  # (the step latency histogram)
-                if self._rt.tracing.exporter is not None:
+                if self._rt.tracing.exporter is not None and self._rt._shipper is None:
                     self._rt._export(batch)
             if self._future is None:
                 self._idle.set()
@@ -692,6 +701,7 @@ class Runtime:
         self._tuned_gc = False
         self._tune_gc = tune_gc
         self._tracing = tracing
+        self._shipper: ShipperProcess | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -728,6 +738,7 @@ class Runtime:
             try:
                 self._take_lock()
                 self._signal_seq = (await self._call(self.store.signals_since, 0, self.id))[1]
+                await self._start_shipper()
             except BaseException:  # e.g. cancelled by SIGTERM: give back what was taken
                 await self.close()
                 raise
@@ -747,6 +758,8 @@ class Runtime:
             await self._evict(list(self._live.values()), force=True)
             await self._writer.close()
         finally:
+            if self._shipper is not None:  # (after the last commit: it sends that too)
+                await self._shipper.stop()
             loop = asyncio.get_running_loop()
             _factory_users[loop] -= 1
             if not _factory_users[loop]:  # the last runtime on this loop
@@ -758,6 +771,17 @@ class Runtime:
             self._executor.shutdown(wait=True)
             if self._owns_store:
                 self.store.close()
+
+    async def _start_shipper(self) -> None:
+        """An embedded worker exporting over OTLP does it from a span shipper (a process)."""
+        tracing = self.tracing
+        if (tracing.exporter is None or tracing.export_from != "process"
+                or not isinstance(self.store, SQLiteStore) or self._lock_dir() is None):
+            return
+        # the cursor starts here, before this worker commits anything, so nothing is missed
+        await self._call(self.store.export_cursor, tracing.exporter.endpoint, time.time())
+        self.store.log_ends = True
+        self._shipper = ShipperProcess(settings_for(self.store.path, tracing))
 
     @property
     def tracing(self) -> Tracing:
@@ -787,13 +811,7 @@ class Runtime:
         for run_id, status, _, error, ended in batch.finished:
             run = live.get(run_id)
             if run is not None and (run.exported or run.export_ids(tracing))[2]:
-                record = run.record
-                parent = (child_parent(run_id, record.parent_id) if record.parent_id
-                          else None)
-                spans[run_span_id(run_id)] = run_span(
-                    record.id, run.trace_id, record.workflow, parent, record.tenant,
-                    record.created_at, record.started_at or record.created_at, ended, status,
-                    error)
+                spans[run_span_id(run_id)] = run.span(status, error, ended)
         tracing.export(list(spans.values()))
 
     @property

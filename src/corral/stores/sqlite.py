@@ -8,6 +8,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import Any
 
@@ -25,7 +26,7 @@ from ._base import (
     Store,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -98,6 +99,19 @@ CREATE TABLE IF NOT EXISTS spans (
     PRIMARY KEY (run_id, span_id)
 );
 """,
+    3: """
+CREATE TABLE IF NOT EXISTS exports (
+    endpoint TEXT PRIMARY KEY,
+    journal INTEGER NOT NULL,
+    spans INTEGER NOT NULL,
+    ends INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS run_ends (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL
+);
+""",
 }
 
 _RUN_COLUMNS = (
@@ -119,6 +133,23 @@ _REF = "\x00"  # {"\x00": hash}: a value stored in `blobs`
 _CHUNKS = "\x01"  # {"\x01": [chunk, ...]}: a long list, its chunks concatenated
 _ESCAPED = "\x02"  # {"\x02": {marker: value}}: the user's own dict that looks like one of these
 _MARKERS = frozenset({_REF, _CHUNKS, _ESCAPED})
+
+
+@dataclass
+class Committed:
+    """What a span shipper reads in one round (`SQLiteStore.committed_since`)."""
+
+    entries: list[tuple[int, str, JournalEntry]] = field(default_factory=list)
+    """(rowid, run id, entry)."""
+    spans: list[tuple[int, Span]] = field(default_factory=list)
+    """(rowid, span): the stored spans."""
+    ended: list[tuple[int, RunRecord]] = field(default_factory=list)
+    """(seq, run): runs that ended."""
+    traces: dict[str, str | None] = field(default_factory=dict)
+    """The entries' runs' trace ids (None: derived from the run id)."""
+    described: set[tuple[str, str]] = field(default_factory=set)
+    """(run id, span id) stored for the entries' runs: a stored span says more than the
+    journal entry of the same id."""
 
 
 def _run(row: Sequence[Any]) -> RunRecord:
@@ -201,6 +232,8 @@ class SQLiteStore(Store):
         if durability not in ("full", "process"):
             raise UsageError(f'durability must be "full" or "process", not {durability!r}')
         self.path = os.fspath(path)
+        self.log_ends = False
+        """Log which runs ended, in commit order, for a span shipper (observability)."""
         self._lock = threading.RLock()
         if self.path != ":memory:":
             parent = os.path.dirname(os.path.abspath(self.path))
@@ -520,6 +553,9 @@ class SQLiteStore(Store):
                     batch.finished,
                     ") AS v WHERE runs.id = v.column1",
                 )
+                if self.log_ends:
+                    db.executemany("INSERT INTO run_ends (run_id) VALUES (?)",
+                                   [(f[0],) for f in batch.finished])
             for run_id, wake_at, names in batch.suspended:
                 wanted = ",".join("?" * len(names)) or "NULL"
                 db.execute(
@@ -601,6 +637,70 @@ class SQLiteStore(Store):
                          f"SELECT data FROM spans WHERE run_id IN ({','.join('?' * len(chunk))})",
                          chunk)]
         return runs, journals, spans
+
+    # -- export (observability._shipper tails the journal and the spans, by rowid) -----------
+    # Rows are only ever inserted or replaced (a replaced row gets a new, higher rowid), so
+    # "rowid above the cursor" is "committed since", in commit order.
+
+    def export_cursor(self, endpoint: str, now: float) -> tuple[int, int, int]:
+        """Where the export to ``endpoint`` is: (journal rowid, spans rowid, run_ends seq) sent
+        up to. An endpoint seen for the first time starts at the end: history is not sent."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO exports (endpoint, journal, spans, ends, updated_at)"
+                " VALUES (?, (SELECT IFNULL(MAX(rowid), 0) FROM journal),"
+                " (SELECT IFNULL(MAX(rowid), 0) FROM spans),"
+                " (SELECT IFNULL(MAX(seq), 0) FROM run_ends), ?)", (endpoint, now))
+            journal, spans, ends = db.execute(
+                "SELECT journal, spans, ends FROM exports WHERE endpoint = ?",
+                (endpoint,)).fetchone()
+        return journal, spans, ends
+
+    def save_export_cursor(self, endpoint: str, cursor: tuple[int, int, int],
+                           now: float) -> None:
+        """Move the cursor, and forget the run ends every endpoint has sent (an endpoint not
+        exported to for a week no longer holds them)."""
+        with self._tx() as db:
+            db.execute("UPDATE exports SET journal = ?, spans = ?, ends = ?, updated_at = ?"
+                       " WHERE endpoint = ?", (*cursor, now, endpoint))
+            db.execute("DELETE FROM run_ends WHERE seq < (SELECT MIN(ends) FROM exports"
+                       " WHERE updated_at > ?)", (now - 7 * 86400,))
+
+    def committed_since(self, cursor: tuple[int, int, int], limit: int) -> Committed:
+        """Up to ``limit`` each of the journal entries, stored spans and run ends committed
+        past ``cursor``, with what building their spans needs."""
+        journal, spans, ends = cursor
+        out = Committed()
+        with self._guard() as db:
+            db.execute("BEGIN")  # one snapshot for the three
+            try:
+                for (rowid, run_id, key, kind, name, status, value, enc, started, ended,
+                     attempts) in db.execute(
+                        "SELECT rowid, run_id, key, kind, name, status, value, enc, started_at,"
+                        " ended_at, attempts FROM journal WHERE rowid > ? ORDER BY rowid"
+                        " LIMIT ?", (journal, limit)):
+                    if enc and (kind == "child" or status == "error"):  # (only those are read)
+                        value = self._expand(db, value)
+                    out.entries.append((rowid, run_id, JournalEntry(
+                        key=key, kind=kind, name=name, status=status, value=value,
+                        started_at=started, ended_at=ended, attempts=attempts)))
+                out.spans = [(rowid, Span(**json.loads(data))) for rowid, data in db.execute(
+                    "SELECT rowid, data FROM spans WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                    (spans, limit))]
+                run_cols = ", ".join(f"r.{c.strip()}" for c in _RUN_COLUMNS.split(","))
+                out.ended = [(row[0], _run(row[1:])) for row in db.execute(
+                    f"SELECT e.seq, {run_cols} FROM run_ends e JOIN runs r ON r.id = e.run_id"
+                    " WHERE e.seq > ? ORDER BY e.seq LIMIT ?", (ends, limit))]
+                run_ids = sorted({run_id for _, run_id, _ in out.entries})
+                for chunk in _chunks(run_ids):
+                    marks = ",".join("?" * len(chunk))
+                    out.traces.update(db.execute(
+                        f"SELECT id, trace_id FROM runs WHERE id IN ({marks})", chunk))
+                    out.described.update(db.execute(
+                        f"SELECT run_id, span_id FROM spans WHERE run_id IN ({marks})", chunk))
+            finally:
+                db.execute("COMMIT")
+        return out
 
     def outcomes(self, run_ids: list[str]) -> dict[str, Outcome]:
         out: dict[str, Outcome] = {}

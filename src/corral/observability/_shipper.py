@@ -1,0 +1,208 @@
+"""The span shipper: a process of its own that exports a store's spans over OTLP/HTTP.
+
+An embedded worker commits its spans to the store anyway (the journal is most of a trace, and
+the spans with more to say are rows beside it); with a shipper, it also logs which runs ended
+(``run_ends``, a row per run, in the commit). Exporting them from the worker itself costs
+~35 µs of CPU per step under the worker's GIL (docs/benchmarks.md); the shipper does it on
+another core instead, by tailing the store: journal entries, stored spans and run ends past a
+cursor, in commit order, built into spans, sampled by trace id, sent in one request per round.
+The cursor (the ``exports`` table, one row per endpoint) moves only once the collector has taken
+the spans, so a collector that is down, or a shipper killed mid-round, loses nothing: the
+spans wait in the store and go when it answers again (a round cut between the collector's
+answer and the cursor's update is sent twice, with the same span ids).
+
+A worker starts its shipper when it opens and stops it when it closes (the shipper sends what
+is committed by then, for up to ``STOP_TIMEOUT`` seconds; what is left goes with the next
+one). Workers sharing a database run one shipper per endpoint between them: the others wait
+on its lock and take over when its worker stops. The worker tells its shipper to stop by
+closing the shipper's stdin, which its death does too: a shipper never outlives its worker by
+more than the time it takes to send what the worker committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from ._otlp import OTLPExporter
+from ._spans import run_span_id, step_span_id, trace_id_for
+from ._traces import child_parent, journal_span, run_span
+
+if TYPE_CHECKING:
+    from ..stores.sqlite import SQLiteStore
+
+log = logging.getLogger("corral.observability")
+
+STOP_TIMEOUT = 10.0
+"""How long a closing worker waits for its shipper to send what is committed."""
+
+
+class Shipper:
+    """Exports what a store committed past its cursor for one endpoint, a round at a time."""
+
+    def __init__(self, store: SQLiteStore, exporter: OTLPExporter, sample: float = 1.0,
+                 max_batch: int = 1024) -> None:
+        from ._tracing import Tracing
+
+        self.store = store
+        self.exporter = exporter
+        self.sampled = Tracing(sample=sample).sampled
+        self.max_batch = max_batch
+        self.cursor = store.export_cursor(exporter.endpoint, time.time())
+
+    def ship(self) -> int | None:
+        """One round: how many rows it went past (0: nothing new), or None when the collector
+        could not take them (nothing moved; try again later)."""
+        got = self.store.committed_since(self.cursor, self.max_batch)
+        if not (got.entries or got.spans or got.ended):
+            return 0
+        spans = [span for _, span in got.spans if self.sampled(span.trace_id)]
+        for _, run_id, entry in got.entries:
+            if entry.ended_at is None or entry.kind == "now":
+                continue  # (a pending entry is replaced, with a new rowid, when it ends)
+            if (run_id, step_span_id(run_id, entry.key)) in got.described:
+                continue  # the stored span is the richer one
+            trace_id = got.traces.get(run_id) or trace_id_for(run_id)
+            if self.sampled(trace_id):
+                spans.append(journal_span(
+                    run_id, trace_id, run_span_id(run_id), entry.key, entry.kind, entry.name,
+                    entry.status, entry.value, entry.started_at, entry.ended_at,
+                    entry.attempts))
+        for _, run in got.ended:
+            trace_id = run.trace_id or trace_id_for(run.id)
+            if self.sampled(trace_id):
+                parent = child_parent(run.id, run.parent_id) if run.parent_id else None
+                spans.append(run_span(run.id, trace_id, run.workflow, parent, run.tenant,
+                                      run.created_at, run.started_at or run.created_at,
+                                      run.ended_at, run.status, run.error))
+        if spans and not self.exporter.deliver(spans):
+            return None
+        journal, stored, ends = self.cursor
+        self.cursor = (got.entries[-1][0] if got.entries else journal,
+                       got.spans[-1][0] if got.spans else stored,
+                       got.ended[-1][0] if got.ended else ends)
+        self.store.save_export_cursor(self.exporter.endpoint, self.cursor, time.time())
+        return len(got.entries) + len(got.spans) + len(got.ended)
+
+
+def _lock_path(db: str, endpoint: str) -> Path:
+    digest = hashlib.blake2b(endpoint.encode(), digest_size=6).hexdigest()
+    return Path(db + "-workers") / f"shipper-{digest}.lock"
+
+
+def run(settings: dict[str, Any], stopping: threading.Event) -> None:
+    """The shipper's life: wait for the endpoint's lock, then ship rounds until ``stopping``
+    is set and everything committed is sent (or the collector stays unreachable)."""
+    from ..stores.sqlite import SQLiteStore
+
+    exporter = OTLPExporter(settings["endpoint"], headers=settings.get("headers"),
+                            resource=settings.get("resource"),
+                            compression=settings.get("compression", "gzip"),
+                            attempts=settings.get("attempts", 3),
+                            backoff=settings.get("backoff", 0.5))
+    interval = float(settings.get("interval", 0.2))
+    lock = _lock_path(settings["db"], exporter.endpoint)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        while True:  # another worker's shipper may hold it: take over when it stops
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if stopping.is_set():
+                    return  # (the holder sends what this worker committed)
+                stopping.wait(1.0)
+        store = SQLiteStore(settings["db"])
+        try:
+            shipper = Shipper(store, exporter, settings.get("sample", 1.0),
+                              settings.get("max_batch", 1024))
+            failures = 0
+            while True:
+                shipped = shipper.ship()
+                if shipped is None:
+                    failures += 1
+                    if stopping.is_set() and failures >= 2:
+                        log.warning("span shipper stopping with spans not yet sent to %s; "
+                                    "they stay in the store for the next one", exporter.endpoint)
+                        return
+                    stopping.wait(min(30.0, interval * 2 ** failures))
+                    continue
+                failures = 0
+                if shipped:
+                    continue
+                if stopping.is_set():
+                    return
+                stopping.wait(interval)
+        finally:
+            store.close()
+    finally:
+        exporter.close(timeout=1.0)
+        os.close(fd)  # (releases the lock)
+
+
+def settings_for(db: str, tracing: Any) -> dict[str, Any]:
+    """What a worker passes its shipper: the exporter's settings and the sampling."""
+    exporter = tracing.exporter
+    return {"db": os.path.abspath(db), "endpoint": exporter.endpoint,
+            "headers": {k: v for k, v in exporter.headers.items()
+                        if k not in ("Content-Type", "User-Agent", "Content-Encoding")},
+            "resource": exporter.resource, "compression": exporter.compression,
+            "sample": tracing.sample, "interval": min(exporter.interval, 0.2),
+            "max_batch": max(exporter.max_batch, 1024)}
+
+
+class ShipperProcess:
+    """A worker's shipper, as a child process."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from corral.observability._shipper import main; main()"],
+            stdin=subprocess.PIPE,
+            close_fds=True)
+        stdin: IO[bytes] | None = self.process.stdin
+        assert stdin is not None
+        self._stdin = stdin
+        stdin.write(json.dumps(settings).encode() + b"\n")
+        stdin.flush()  # (stdin stays open: closing it is the signal to stop)
+
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Ask it to send what is committed and leave; after ``timeout``, stop it anyway (what
+        it did not send stays in the store, for the next shipper)."""
+        with contextlib.suppress(OSError):
+            self._stdin.close()
+        try:
+            await asyncio.to_thread(self.process.wait, timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("span shipper (pid %d) still sending after %.0f s; stopped, the rest "
+                        "goes with the next one", self.process.pid, timeout)
+            self.process.kill()
+            await asyncio.to_thread(self.process.wait)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="corral span shipper: %(message)s")
+    settings = json.loads(sys.stdin.buffer.readline())
+    stopping = threading.Event()
+
+    def watch() -> None:  # stdin closes: the worker is stopping, or gone
+        while sys.stdin.buffer.read(4096):
+            pass
+        stopping.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (a Ctrl-C is the worker's to handle)
+    run(settings, stopping)

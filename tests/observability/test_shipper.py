@@ -1,0 +1,119 @@
+"""The span shipper: an embedded worker's spans exported from a process of its own, tailing
+the store, to a real OTLP/HTTP receiver on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+import corral
+from corral._errors import UsageError
+from corral.config import Config
+from corral.observability._otlp import OTLPExporter
+from corral.observability._spans import trace_id_for
+from corral.observability._traces import assemble
+from corral.observability._tracing import Tracing
+from corral.stores.sqlite import SQLiteStore
+
+if TYPE_CHECKING:
+    from conftest import Receiver
+
+
+@corral.step
+async def double(x: int) -> int:
+    return 2 * x
+
+
+@corral.workflow
+async def twice(ctx: corral.Context, x: int) -> int:
+    return await double(await double(x))
+
+
+def runtime(db: Path, url: str, **options: Any) -> corral.Runtime:
+    return corral.Runtime(db, poll_interval=0.01, idle_after=0.05, durability="process",
+                          tracing=Tracing(exporter=OTLPExporter(url)), **options)
+
+
+def local_spans(db: Path, run_ids: list[str]) -> list[tuple[str, str, str, str | None]]:
+    store = SQLiteStore(str(db))
+    try:
+        return sorted((s.name, s.trace_id, s.span_id, s.parent_id)
+                      for run_id in run_ids for s in assemble(*store.trace(run_id)))
+    finally:
+        store.close()
+
+
+def received(receiver: Receiver) -> list[tuple[str, str, str, str | None]]:
+    return sorted((s.name, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex() or None)
+                  for s in receiver.accepted())
+
+
+async def test_spans_wait_in_the_store_while_the_collector_is_down(
+        tmp_path: Path, receiver: Receiver) -> None:
+    """The worker's thread exporter would drop them after its retries; the shipper's cursor
+    does not move until the collector takes them."""
+    db = tmp_path / "corral.db"
+    receiver.answers = [(503, {"Retry-After": "0"}, b"")] * 10_000
+    async with runtime(db, receiver.url) as rt:
+        handles = [await rt.start(twice, n) for n in range(5)]
+        assert [await h.result(timeout=30) for h in handles] == [4 * n for n in range(5)]
+    assert receiver.requests and not receiver.accepted()  # it tried, and nothing was taken
+
+    receiver.answers = []  # the collector is back; the next worker's shipper sends them
+    async with runtime(db, receiver.url):
+        pass
+    spans = received(receiver)
+    assert Counter(name for name, *_ in spans) == {"invoke_workflow twice": 5, "step double": 10}
+    assert len({span_id for _, _, span_id, _ in spans}) == 15  # each once
+    assert spans == local_spans(db, [h.id for h in handles])
+    assert {trace for _, trace, _, _ in spans} == {trace_id_for(h.id) for h in handles}
+
+
+async def test_two_workers_on_one_database_send_each_span_once(
+        tmp_path: Path, receiver: Receiver) -> None:
+    db = tmp_path / "corral.db"
+    first, second = runtime(db, receiver.url), runtime(db, receiver.url)
+    await first.open()
+    try:
+        await second.open()
+        try:
+            handles = [await first.start(twice, n) for n in range(40)]
+            assert [await h.result(timeout=30) for h in handles] == [4 * n for n in range(40)]
+        finally:
+            await first.close()  # its shipper sends what both committed; the other's takes over
+            more = [await second.start(twice, n) for n in range(3)]
+            assert [await h.result(timeout=30) for h in more] == [0, 4, 8]
+    finally:
+        await second.close()
+    spans = received(receiver)
+    assert len(spans) == len({span_id for _, _, span_id, _ in spans}) == 43 * 3
+    assert spans == local_spans(db, [h.id for h in handles + more])
+
+
+async def test_a_batch_the_collector_refuses_for_good_is_not_sent_again(
+        tmp_path: Path, receiver: Receiver) -> None:
+    db = tmp_path / "corral.db"
+    receiver.answers = [(400, {}, b"bad request")]
+    async with runtime(db, receiver.url) as rt:
+        refused = await rt.start(twice, 1)
+        assert await refused.result(timeout=30) == 4
+        await asyncio.to_thread(receiver.wait_for, 1)
+        taken = await rt.start(twice, 2)
+        assert await taken.result(timeout=30) == 8
+    assert received(receiver) == local_spans(db, [taken.id])
+    assert [status for status, _, _ in receiver.requests] == [400, 200]
+
+
+async def test_export_from_the_workers_thread_is_a_setting(tmp_path: Path) -> None:
+    config = Config(sections={"observability": {"tracing": {
+        "otlp_endpoint": "http://127.0.0.1:4318", "export": "thread"}}})
+    tracing = Tracing.from_config(config, env={})
+    assert tracing.export_from == "thread"
+    assert Tracing.from_config(Config(sections={}), env={}).export_from == "process"
+    with pytest.raises(UsageError, match=r"'process' .* or 'thread'"):
+        Tracing.from_config(Config(sections={"observability": {"tracing": {
+            "export": "batch"}}}), env={})
