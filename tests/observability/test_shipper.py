@@ -4,6 +4,9 @@ the store, to a real OTLP/HTTP receiver on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,3 +120,38 @@ async def test_export_from_the_workers_thread_is_a_setting(tmp_path: Path) -> No
     with pytest.raises(UsageError, match=r"'process' .* or 'thread'"):
         Tracing.from_config(Config(sections={"observability": {"tracing": {
             "export": "batch"}}}), env={})
+
+
+async def test_a_killed_workers_shipper_sends_what_it_committed_and_leaves(
+        tmp_path: Path, receiver: Receiver) -> None:
+    """kill -9 closes the shipper's stdin as a clean stop does: it sends, then exits."""
+    db = tmp_path / "corral.db"
+    worker = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("_shipper_worker.py")), str(db),
+         receiver.url, "5"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout is not None
+        with worker.stdout:
+            *run_ids, shipper = (await asyncio.to_thread(worker.stdout.readline)).split()
+        assert len(run_ids) == 5, f"the worker said {run_ids!r}"
+    finally:
+        worker.kill()
+        worker.wait()
+    with receiver.changed:
+        assert receiver.changed.wait_for(lambda: len(receiver.accepted()) >= 15, 30), \
+            f"{len(receiver.accepted())} spans arrived, not 15"
+    spans = received(receiver)
+    assert len(spans) == len({span_id for _, _, span_id, _ in spans}) == 15
+    assert spans == local_spans(db, run_ids)
+
+    def gone() -> bool:  # (exited: no process, or a zombie nobody reaped)
+        try:
+            status = Path(f"/proc/{shipper}/status").read_text()
+        except FileNotFoundError:
+            return True
+        return "\nState:\tZ" in status
+
+    deadline = time.monotonic() + 30
+    while not gone():
+        assert time.monotonic() < deadline, "the shipper outlived its worker by 30 s"
+        await asyncio.sleep(0.05)

@@ -118,3 +118,22 @@ def test_runs_blocked_by_a_full_concurrency_key_do_not_starve_the_others(
     assert first.run.concurrency_key == "tenant"
     (second,) = store.claim("w1", ["default"], 1, 2.0)
     assert second.run.id == "free"
+
+
+def test_a_reader_sees_commits_and_does_not_wait_behind_a_writer(store: SQLiteStore) -> None:
+    """`corral serve` reads through one: a GET must not queue behind a commit's fsync."""
+    from corral._errors import StoreError
+
+    reader = store.reader()
+    try:
+        store.apply(Batch(submits=[_spec("r")]), 1.0)
+        assert reader.get_run("r").status == "queued"  # the writer's commit, seen
+        with store._tx() as db:  # the writer in the middle of a transaction, lock held
+            db.execute("UPDATE runs SET status = 'running' WHERE id = 'r'")
+            assert reader.get_run("r").status == "queued"  # answered now, the last commit
+        assert reader.get_run("r").status == "running"
+        with pytest.raises(StoreError, match="only reads"):
+            reader.apply(Batch(submits=[_spec("s")]), 2.0)
+    finally:
+        reader.close()
+    assert store.get_run("r").status == "running"  # (closing the reader leaves the store open)

@@ -47,6 +47,9 @@ log = logging.getLogger("corral.observability")
 
 STOP_TIMEOUT = 10.0
 """How long a closing worker waits for its shipper to send what is committed."""
+NICE = 10
+"""The shipper's niceness: when the cores are busy, the worker runs first and the shipper
+catches up when they are not (the spans wait in the store meanwhile)."""
 
 
 class Shipper:
@@ -69,24 +72,29 @@ class Shipper:
         if not (got.entries or got.spans or got.ended):
             return 0
         spans = [span for _, span in got.spans if self.sampled(span.trace_id)]
+        ids: dict[str, tuple[str, str, bool]] = {}  # run id: (trace id, its span id, sampled)
         for _, run_id, entry in got.entries:
             if entry.ended_at is None or entry.kind == "now":
                 continue  # (a pending entry is replaced, with a new rowid, when it ends)
-            if (run_id, step_span_id(run_id, entry.key)) in got.described:
+            if got.described and (run_id, step_span_id(run_id, entry.key)) in got.described:
                 continue  # the stored span is the richer one
-            trace_id = got.traces.get(run_id) or trace_id_for(run_id)
-            if self.sampled(trace_id):
+            run = ids.get(run_id)
+            if run is None:
+                trace_id = got.traces.get(run_id) or trace_id_for(run_id)
+                run = ids[run_id] = (trace_id, run_span_id(run_id), self.sampled(trace_id))
+            if run[2]:
                 spans.append(journal_span(
-                    run_id, trace_id, run_span_id(run_id), entry.key, entry.kind, entry.name,
-                    entry.status, entry.value, entry.started_at, entry.ended_at,
-                    entry.attempts))
-        for _, run in got.ended:
-            trace_id = run.trace_id or trace_id_for(run.id)
+                    run_id, run[0], run[1], entry.key, entry.kind, entry.name, entry.status,
+                    entry.value, entry.started_at, entry.ended_at, entry.attempts))
+        for _, record in got.ended:
+            trace_id = record.trace_id or trace_id_for(record.id)
             if self.sampled(trace_id):
-                parent = child_parent(run.id, run.parent_id) if run.parent_id else None
-                spans.append(run_span(run.id, trace_id, run.workflow, parent, run.tenant,
-                                      run.created_at, run.started_at or run.created_at,
-                                      run.ended_at, run.status, run.error))
+                parent = (child_parent(record.id, record.parent_id) if record.parent_id
+                          else None)
+                spans.append(run_span(record.id, trace_id, record.workflow, parent,
+                                      record.tenant, record.created_at,
+                                      record.started_at or record.created_at, record.ended_at,
+                                      record.status, record.error))
         if spans and not self.exporter.deliver(spans):
             return None
         journal, stored, ends = self.cursor
@@ -117,14 +125,20 @@ def run(settings: dict[str, Any], stopping: threading.Event) -> None:
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
     try:
+        give_up = None
         while True:  # another worker's shipper may hold it: take over when it stops
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if stopping.is_set():
-                    return  # (the holder sends what this worker committed)
-                stopping.wait(1.0)
+                if not stopping.is_set():
+                    stopping.wait(1.0)
+                    continue
+                # stopping too: the holder may be leaving before this worker's last commits
+                give_up = give_up or time.monotonic() + 2.0
+                if time.monotonic() > give_up:
+                    return  # (what is left goes with the next shipper)
+                time.sleep(0.05)
         store = SQLiteStore(settings["db"])
         try:
             shipper = Shipper(store, exporter, settings.get("sample", 1.0),
@@ -205,4 +219,6 @@ def main() -> None:
     threading.Thread(target=watch, daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # (a Ctrl-C is the worker's to handle)
+    with contextlib.suppress(OSError):  # background work: the worker's threads come first
+        os.nice(NICE)
     run(settings, stopping)

@@ -36,7 +36,7 @@ from ..observability._runs import run_metrics
 from ..observability._traces import assemble, summarize
 from ..observability._tracing import parse_traceparent
 from ..runtime import Runtime, Workflow
-from ..stores import RunRecord
+from ..stores import RunRecord, SQLiteStore
 from ._openapi import spec
 
 log = logging.getLogger("corral.server")
@@ -94,7 +94,8 @@ class Principal:
 
 
 def create_app(rt: Runtime, settings: Settings) -> Starlette:
-    store = rt.store
+    # reads go through a connection of their own: a GET does not queue behind a commit
+    store = rt.store.reader() if isinstance(rt.store, SQLiteStore) else rt.store
     audit_cache: dict[str, Any] = {}
 
     async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -405,6 +406,8 @@ def create_app(rt: Runtime, settings: Settings) -> Starlette:
             finally:
                 for close in settings.on_close:
                     await close()
+                if store is not rt.store:
+                    store.close()
 
     routes: list[Any] = [
         Route("/", home, methods=["GET"]),

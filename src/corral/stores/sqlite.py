@@ -251,6 +251,23 @@ class SQLiteStore(Store):
             self._db.close()
             raise
 
+    def reader(self, timeout: float = 5.0) -> SQLiteStore:
+        """A read-only connection to the same file, for reads that must not queue behind this
+        connection's commits (in WAL mode a reader sees the last commit and blocks no writer).
+        An in-memory store has no other connection: it is its own reader."""
+        if self.path == ":memory:":
+            return self
+        reader = object.__new__(SQLiteStore)
+        reader.path, reader.log_ends, reader._lock = self.path, False, threading.RLock()
+        try:
+            reader._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
+                                         check_same_thread=False)
+            reader._db.execute("PRAGMA query_only = 1")
+            reader._db.execute("PRAGMA cache_size=-65536")
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from exc
+        return reader
+
     # -- plumbing ---------------------------------------------------------------------------
 
     def _translate(self, exc: sqlite3.Error) -> StoreError:
@@ -267,6 +284,12 @@ class SQLiteStore(Store):
             return StoreError(
                 f"database {self.path} is corrupted ({text}); restore it from a backup or "
                 "point --db at another file; corral changed nothing",
+                path=self.path,
+            )
+        if "readonly" in text:
+            return StoreError(
+                f"database {self.path}: this connection only reads (SQLiteStore.reader()); "
+                "write through the store it came from",
                 path=self.path,
             )
         if "unable to open" in text:
