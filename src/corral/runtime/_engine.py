@@ -774,8 +774,10 @@ class Runtime:
 
     async def _start_shipper(self) -> None:
         """An embedded worker exporting over OTLP does it from a span shipper (a process)."""
-        tracing = self.tracing
-        if (tracing.exporter is None or tracing.export_from != "process"
+        from ..observability._otlp import OTLPExporter
+
+        tracing = self.tracing  # (another kind of exporter is fed from the worker's thread)
+        if (not isinstance(tracing.exporter, OTLPExporter) or tracing.export_from != "process"
                 or not isinstance(self.store, SQLiteStore) or self._lock_dir() is None):
             return
         # the cursor starts here, before this worker commits anything, so nothing is missed

@@ -699,10 +699,11 @@ class SQLiteStore(Store):
             try:
                 for (rowid, run_id, key, kind, name, status, value, enc, started, ended,
                      attempts) in db.execute(
-                        "SELECT rowid, run_id, key, kind, name, status, value, enc, started_at,"
-                        " ended_at, attempts FROM journal WHERE rowid > ? ORDER BY rowid"
-                        " LIMIT ?", (journal, limit)):
-                    if enc and (kind == "child" or status == "error"):  # (only those are read)
+                        "SELECT rowid, run_id, key, kind, name, status, CASE WHEN kind = 'child'"
+                        " OR status = 'error' THEN value END, enc, started_at, ended_at,"
+                        " attempts FROM journal WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                        (journal, limit)):  # (a span reads the value of those two only)
+                    if enc and value is not None:
                         value = self._expand(db, value)
                     out.entries.append((rowid, run_id, JournalEntry(
                         key=key, kind=kind, name=name, status=status, value=value,
