@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from _shipper_worker import twice
 
 import corral
 from corral._errors import UsageError
@@ -24,16 +25,6 @@ from corral.stores.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
     from conftest import Receiver
-
-
-@corral.step
-async def double(x: int) -> int:
-    return 2 * x
-
-
-@corral.workflow
-async def twice(ctx: corral.Context, x: int) -> int:
-    return await double(await double(x))
 
 
 def runtime(db: Path, url: str, **options: Any) -> corral.Runtime:
