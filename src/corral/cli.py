@@ -223,6 +223,7 @@ def _serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from .server import Settings, Webhook, create_app
+        from .server._app import DEFAULT_TOLERANCE_S
     except ImportError:
         raise UsageError("corral serve needs the gateway extra; pip install "
                          "'corral[gateway]'") from None
@@ -233,10 +234,11 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError("corral serve runs the embedded engine in this version; on Temporal, "
                          "submit and steer runs with `corral run` and `corral runs`")
     section = dict((config.sections or {}).get("server") or {})
-    unknown = set(section) - {"master_key_env", "workflows", "webhooks"}
+    unknown = set(section) - {"master_key_env", "metrics_key_env", "metrics_public",
+                              "workflows", "webhooks"}
     if unknown:
         raise UsageError(f"{config.source}: [server] has no {sorted(unknown)[0]!r}; it takes "
-                         "master_key_env, workflows, webhooks")
+                         "master_key_env, metrics_key_env, metrics_public, workflows, webhooks")
     refs = [*(section.get("workflows") or []), *(args.workflows or [])]
     workflows = {wf.name: wf for ref in refs for wf in load_workflows(ref)}
     master_key = None
@@ -245,12 +247,34 @@ def _serve(args: argparse.Namespace) -> int:
         if master_key is None:
             raise UsageError(f"${section['master_key_env']} is empty; set it to the master key "
                              "([server] master_key_env)")
+    metrics_key = None
+    if "metrics_key_env" in section:
+        token_env = section["metrics_key_env"]
+        metrics_key = os.environ.get(token_env, "") if isinstance(token_env, str) and token_env \
+            else ""
+        if len(metrics_key) < 16:
+            raise UsageError(f"{config.source}: [server] metrics_key_env names {token_env!r}, "
+                             "which must hold a scrape token of at least 16 characters")
+    metrics_public = section.get("metrics_public", False)
+    if not isinstance(metrics_public, bool):
+        raise UsageError(f"{config.source}: [server] metrics_public must be true or false, not "
+                         f"{metrics_public!r}")
+    if metrics_public and metrics_key:
+        raise UsageError(f"{config.source}: [server] metrics_public = true serves /metrics "
+                         "without a token, so metrics_key_env would protect nothing; keep one")
     webhooks = {}
     for name, hook in (section.get("webhooks") or {}).items():
-        if not isinstance(hook, dict) or set(hook) - {"workflow", "secret_env", "tenant"} \
+        if not isinstance(hook, dict) \
+                or set(hook) - {"workflow", "secret_env", "tenant", "tolerance_s"} \
                 or "workflow" not in hook or "secret_env" not in hook:
             raise UsageError(f"{config.source}: [server.webhooks.{name}] takes workflow, "
-                             "secret_env and tenant (workflow and secret_env required)")
+                             "secret_env, tenant and tolerance_s (workflow and secret_env "
+                             "required)")
+        tolerance = hook.get("tolerance_s", DEFAULT_TOLERANCE_S)
+        if not isinstance(tolerance, int | float) or isinstance(tolerance, bool) \
+                or not 1 <= tolerance <= 86400:
+            raise UsageError(f"{config.source}: [server.webhooks.{name}] tolerance_s must be a "
+                             f"number of seconds from 1 to 86400, not {tolerance!r}")
         secret = os.environ.get(hook["secret_env"], "")
         if len(secret) < 16:
             raise UsageError(f"webhook {name!r}: ${hook['secret_env']} must hold a secret of at "
@@ -258,7 +282,8 @@ def _serve(args: argparse.Namespace) -> int:
         if hook["workflow"] not in workflows:
             raise UsageError(f"webhook {name!r} starts {hook['workflow']!r}, which is not among "
                              f"the served workflows ({', '.join(sorted(workflows)) or 'none'})")
-        webhooks[name] = Webhook(hook["workflow"], secret.encode(), hook.get("tenant", "default"))
+        webhooks[name] = Webhook(hook["workflow"], secret.encode(), hook.get("tenant", "default"),
+                                 tolerance_s=float(tolerance))
     from .gateway._keys import KeyCache, KeyStore
 
     db = _db(args)
@@ -267,8 +292,9 @@ def _serve(args: argparse.Namespace) -> int:
         upgrade(shared)
     rt = Runtime(db, worker=not args.no_worker, lock_timeout=args.lock_timeout)
     store = KeyStore(shared)
-    settings = Settings(workflows=workflows, master_key=master_key,
-                        keys=KeyCache(store, 2.0), webhooks=webhooks, shared_db=shared)
+    settings = Settings(workflows=workflows, master_key=master_key, metrics_key=metrics_key,
+                        metrics_public=metrics_public, keys=KeyCache(store, 2.0),
+                        webhooks=webhooks, shared_db=shared)
     gateway = None
     sections = config.sections or {}
     if sections.get("gateway"):

@@ -17,10 +17,12 @@ from _shipper_worker import twice
 import corral
 from corral._errors import UsageError
 from corral.config import Config
+from corral.observability import _shipper
 from corral.observability._otlp import OTLPExporter
 from corral.observability._spans import trace_id_for
 from corral.observability._traces import assemble
 from corral.observability._tracing import Tracing
+from corral.stores import Batch, RunSpec
 from corral.stores.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
@@ -44,6 +46,12 @@ def local_spans(db: Path, run_ids: list[str]) -> list[tuple[str, str, str, str |
 def received(receiver: Receiver) -> list[tuple[str, str, str, str | None]]:
     return sorted((s.name, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex() or None)
                   for s in receiver.accepted())
+
+
+def spans_arrive(receiver: Receiver, count: int, timeout: float = 30.0) -> None:
+    with receiver.changed:
+        assert receiver.changed.wait_for(lambda: len(receiver.accepted()) >= count, timeout), \
+            f"{len(receiver.accepted())} spans arrived, not {count}"
 
 
 async def test_spans_wait_in_the_store_while_the_collector_is_down(
@@ -128,9 +136,7 @@ async def test_a_killed_workers_shipper_sends_what_it_committed_and_leaves(
     finally:
         worker.kill()
         worker.wait()
-    with receiver.changed:
-        assert receiver.changed.wait_for(lambda: len(receiver.accepted()) >= 15, 30), \
-            f"{len(receiver.accepted())} spans arrived, not 15"
+    spans_arrive(receiver, 15)
     spans = received(receiver)
     assert len(spans) == len({span_id for _, _, span_id, _ in spans}) == 15
     assert spans == local_spans(db, run_ids)
@@ -146,3 +152,45 @@ async def test_a_killed_workers_shipper_sends_what_it_committed_and_leaves(
     while not gone():
         assert time.monotonic() < deadline, "the shipper outlived its worker by 30 s"
         await asyncio.sleep(0.05)
+
+
+async def test_a_shipper_that_dies_is_started_again_and_loses_nothing(
+        tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_shipper, "RESTART_AFTER", 0.0)
+    db = tmp_path / "corral.db"
+    async with runtime(db, receiver.url) as rt:
+        assert rt._shipper is not None
+        first = rt._shipper.process
+        first.kill()
+        await asyncio.to_thread(first.wait)
+        handles = [await rt.start(twice, n) for n in range(5)]  # (committed with none running)
+        assert [await h.result(timeout=30) for h in handles] == [4 * n for n in range(5)]
+        # the next shipper, started by the worker, sends them (waited for off the loop,
+        # which the worker needs)
+        await asyncio.to_thread(spans_arrive, receiver, 15)
+        assert rt._shipper.process is not first
+    spans = received(receiver)
+    assert len(spans) == len({span_id for _, _, span_id, _ in spans}) == 15
+    assert spans == local_spans(db, [h.id for h in handles])
+
+
+def test_run_ends_are_kept_until_every_endpoint_has_sent_them(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "corral.db")
+    try:
+        store.log_ends = True
+        a, b = "http://a/v1/traces", "http://b/v1/traces"
+        assert store.export_cursor(a, 1.0) == store.export_cursor(b, 1.0) == (0, 0, 0)
+        store.apply(Batch(submits=[RunSpec(id=f"r{n}", workflow="w", ref="m:w", input="1",
+                                           input_hash="h", run_at=0.0) for n in range(4)]), 2.0)
+        store.apply(Batch(finished=[(f"r{n}", "completed", "1", None, 3.0)
+                                    for n in range(4)]), 3.0)
+        store.save_export_cursor(a, (0, 0, 4), 4.0)  # a has sent the four, b none
+        assert [seq for seq, _ in store.committed_since((0, 0, 0), 10).ended] == [1, 2, 3, 4]
+        store.save_export_cursor(b, (0, 0, 2), 5.0)  # b has sent two: those two are dropped
+        assert [seq for seq, _ in store.committed_since((0, 0, 0), 10).ended] == [2, 3, 4]
+        # b not exported to for over a week: it no longer holds a's, and starts at the end
+        store.save_export_cursor(a, (0, 0, 4), 5.0 + 8 * 86400)
+        assert [seq for seq, _ in store.committed_since((0, 0, 0), 10).ended] == [4]
+        assert store.export_cursor(b, 6.0 + 8 * 86400) == (0, 0, 4)
+    finally:
+        store.close()

@@ -14,6 +14,8 @@ HERE = Path(__file__).parent
 CORRAL = [sys.executable, "-m", "corral"]
 MASTER = "master-key-for-tests-0123456789"
 HOOK_SECRET = "hook-secret-for-tests-0123456789"
+SCRAPE_TOKEN = "scrape-token-for-tests-0123456789"
+SCRAPER = 'metrics_key_env = "CORRAL_TEST_METRICS"\n'
 
 
 def free_port() -> int:
@@ -50,17 +52,19 @@ class Server:
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
 
 
-def start_server(folder: Path, *extra: str, config: str = "") -> Server:
+def start_server(folder: Path, *extra: str, config: str = "", server: str = SCRAPER) -> Server:
+    """`corral serve` on a free port; ``server`` goes in its [server] table, ``config`` after
+    the webhook's."""
     port = free_port()
     db = folder / "corral.db"
     log = folder / "serve.log"
     toml = folder / "corral.toml"
     toml.write_text('[server]\nmaster_key_env = "CORRAL_TEST_MASTER"\n'
-                    f'workflows = ["{HERE / "api_workflows.py"}"]\n'
+                    f'workflows = ["{HERE / "api_workflows.py"}"]\n' + server +
                     '[server.webhooks.deploys]\nworkflow = "echo"\n'
                     'secret_env = "CORRAL_TEST_HOOK"\ntenant = "acme"\n' + config)
     env = {**os.environ, "CORRAL_TEST_MASTER": MASTER, "CORRAL_TEST_HOOK": HOOK_SECRET,
-           "CORRAL_CONFIG": str(toml)}
+           "CORRAL_TEST_METRICS": SCRAPE_TOKEN, "CORRAL_CONFIG": str(toml)}
     with open(log, "wb") as out:
         process = subprocess.Popen([*CORRAL, "serve", "--port", str(port), "--db", str(db),
                                     *extra], env=env, stdout=out, stderr=subprocess.STDOUT,

@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from _serve import HOOK_SECRET, MASTER, Server
+from _serve import HOOK_SECRET, MASTER, SCRAPE_TOKEN, Server, start_server, stop_server
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -165,24 +167,180 @@ def test_keys_are_required(server: Server) -> None:
             assert "corral keys create" in answer.json()["error"]["message"]
 
 
+def signed(body: bytes, at: float | None = None, stamp: str | None = None) -> dict[str, str]:
+    """A webhook delivery's headers: the timestamp (now, or ``at``) and the signature over
+    ``"<timestamp>.<body>"``."""
+    stamp = stamp if stamp is not None else str(int(time.time() if at is None else at))
+    mac = hmac.new(HOOK_SECRET.encode(), f"{stamp}.".encode() + body, hashlib.sha256)
+    return {"X-Corral-Timestamp": stamp, "X-Corral-Signature": f"sha256={mac.hexdigest()}",
+            "Content-Type": "application/json"}
+
+
+def body_only(body: bytes) -> str:
+    """The signature before timestamps: the body alone."""
+    return "sha256=" + hmac.new(HOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()
+
+
 def test_a_signed_webhook_starts_a_run_once_per_delivery(server: Server) -> None:
     body = json.dumps({"ref": "main", "sha": "abc"}).encode()
-    signature = "sha256=" + hmac.new(HOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()
     with server.client(None) as anyone:
-        headers = {"X-Corral-Signature": signature, "X-Corral-Delivery": "d-1",
-                   "Content-Type": "application/json"}
+        headers = {**signed(body), "X-Corral-Delivery": "d-1"}
         first = anyone.post("/v1/hooks/deploys", content=body, headers=headers)
         assert first.status_code == 201 and first.json()["tenant"] == "acme"
         assert first.json()["workflow"] == "echo" and first.json()["input"] == {"ref": "main",
                                                                                "sha": "abc"}
         again = anyone.post("/v1/hooks/deploys", content=body, headers=headers)
         assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
-        forged = anyone.post("/v1/hooks/deploys", content=body.replace(b"main", b"evil"),
-                             headers=headers)
-        assert forged.status_code == 401 and forged.json()["error"]["code"] == "invalid_signature"
-        unsigned = anyone.post("/v1/hooks/deploys", content=body)
-        assert unsigned.status_code == 401
+        retried = anyone.post("/v1/hooks/deploys", content=body,  # re-signed by the sender
+                              headers={**signed(body, time.time() - 1), "X-Corral-Delivery": "d-1"})
+        assert retried.status_code == 200 and retried.json()["id"] == first.json()["id"]
         assert anyone.post("/v1/hooks/other", content=body, headers=headers).status_code == 404
+
+
+REFUSED = json.dumps({"ref": "refused"}).encode()
+Delivery = Callable[[float], tuple[bytes, dict[str, str]]]
+
+
+def _without_stamp(now: float) -> tuple[bytes, dict[str, str]]:
+    headers = signed(REFUSED, now)
+    del headers["X-Corral-Timestamp"]
+    return REFUSED, headers
+
+
+@pytest.mark.parametrize(("delivery", "code", "pattern"), [
+    pytest.param(lambda now: (REFUSED, signed(REFUSED, now - 600)),
+                 "timestamp_out_of_tolerance",
+                 r"X-Corral-Timestamp is \d+ s old, past this webhook's tolerance of 300 s",
+                 id="stale"),
+    pytest.param(lambda now: (REFUSED, signed(REFUSED, now + 600)),
+                 "timestamp_out_of_tolerance",
+                 r"X-Corral-Timestamp is \d+ s in the future, past this webhook's tolerance "
+                 r"of 300 s", id="future"),
+    pytest.param(_without_stamp, "invalid_timestamp",
+                 r"^missing X-Corral-Timestamp: send X-Corral-Timestamp: <Unix seconds>",
+                 id="no-timestamp"),
+    pytest.param(lambda now: (REFUSED, signed(REFUSED, stamp="yesterday")),
+                 "invalid_timestamp",
+                 r"X-Corral-Timestamp must be the Unix time in whole seconds, not 'yesterday'",
+                 id="not-a-number"),
+    pytest.param(lambda now: (REFUSED, {"X-Corral-Signature": body_only(REFUSED)}),
+                 "outdated_signature",
+                 r"signs the body alone.*HMAC-SHA256 of '<timestamp>\.<raw body>'",
+                 id="body-only"),
+    pytest.param(lambda now: (REFUSED, {**signed(REFUSED, now),
+                                        "X-Corral-Signature": body_only(REFUSED)}),
+                 "outdated_signature", r"signs the body alone", id="body-only-with-timestamp"),
+    pytest.param(lambda now: (REFUSED.replace(b"refused", b"evil"), signed(REFUSED, now)),
+                 "invalid_signature", r"^bad X-Corral-Signature: send X-Corral-Timestamp",
+                 id="tampered-body"),
+    pytest.param(lambda now: (REFUSED, {**signed(REFUSED, now - 600),
+                                        "X-Corral-Timestamp": str(int(now))}),
+                 "invalid_signature", r"^bad X-Corral-Signature", id="timestamp-changed"),
+    pytest.param(lambda now: (REFUSED, {}), "invalid_signature",
+                 r"^missing X-Corral-Signature and X-Corral-Timestamp", id="unsigned"),
+])
+def test_a_webhook_refuses_stale_future_unsigned_and_body_only_deliveries(
+        server: Server, delivery: Delivery, code: str, pattern: str) -> None:
+    body, headers = delivery(time.time())
+    with server.client(None) as anyone:
+        answer = anyone.post("/v1/hooks/deploys", content=body,
+                             headers={**headers, "X-Corral-Delivery": f"refused-{code}"})
+    assert answer.status_code == 401, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == code and error["type"] == "authentication_error"
+    assert re.search(pattern, error["message"]), error["message"]
+    with server.client() as master:  # (refused before anything starts)
+        runs = master.get("/v1/runs", params={"tenant": "acme", "limit": 500}).json()["runs"]
+    assert not [r for r in runs if r["input"] in ({"ref": "refused"}, {"ref": "evil"})]
+
+
+HOOK = '[server.webhooks.quick]\nworkflow = "echo"\nsecret_env = "CORRAL_TEST_HOOK"\n'
+
+
+def test_a_webhooks_tolerance_is_its_own(tmp_path: Path) -> None:
+    server = start_server(tmp_path, config=HOOK + "tolerance_s = 30\n")
+    try:
+        body = json.dumps({"ref": "late"}).encode()
+        with server.client(None) as anyone:
+            late = anyone.post("/v1/hooks/quick", content=body,
+                               headers=signed(body, time.time() - 60))
+            assert late.status_code == 401
+            assert "past this webhook's tolerance of 30 s" in late.json()["error"]["message"]
+            assert anyone.post("/v1/hooks/deploys", content=body,  # 300 s: in time
+                               headers=signed(body, time.time() - 60)).status_code == 201
+    finally:
+        stop_server(server)
+
+
+def test_metrics_take_the_master_key_or_the_scrape_token_never_a_tenants(
+        server: Server) -> None:
+    acme = server.key("acme")
+    for key in (MASTER, SCRAPE_TOKEN):
+        with server.client(key) as scraper:
+            answer = scraper.get("/metrics")
+        assert answer.status_code == 200 and answer.headers["content-type"].startswith(
+            "text/plain")
+        assert "corral_runs" in {f.name for f in text_string_to_metric_families(answer.text)}
+    for key in (None, SCRAPE_TOKEN + "x", "sk-corral-made-up"):
+        with server.client(key) as stranger:
+            answer = stranger.get("/metrics")
+        assert answer.status_code == 401, key
+        error = answer.json()["error"]
+        assert error["type"] == "authentication_error" and error["code"] == "invalid_api_key"
+        assert "[server] metrics_key_env" in error["message"]
+        assert "authorization: {credentials_file: FILE}" in error["message"]
+        assert "metrics_public = true" in error["message"]
+    with server.client(acme) as tenant:
+        answer = tenant.get("/metrics")
+        assert answer.status_code == 403
+        assert answer.json()["error"] == {
+            "message": "a tenant's key cannot read /metrics: the metrics span every tenant; "
+                       "scrape with the token in [server] metrics_key_env (or the master key)",
+            "type": "permission_error", "code": "forbidden"}
+        assert tenant.get("/v1/runs").status_code == 200  # (the key is good for /v1)
+    with server.client(SCRAPE_TOKEN) as scraper:  # the scrape token reads /metrics only
+        assert scraper.get("/v1/runs").status_code == 401
+    assert httpx.get(server.url + "/healthz").status_code == 200
+    document = httpx.get(server.url + "/openapi.json").json()["paths"]["/metrics"]["get"]
+    assert document["security"] == [{"bearer": []}]
+    assert {"200", "401", "403"} <= set(document["responses"])
+
+
+def test_metrics_public_serves_metrics_without_a_token(tmp_path: Path) -> None:
+    server = start_server(tmp_path, server="metrics_public = true\n")
+    try:
+        for key in (None, "anything"):
+            with server.client(key) as anyone:
+                answer = anyone.get("/metrics")
+            assert answer.status_code == 200
+            assert "corral_runs" in {f.name for f in text_string_to_metric_families(
+                answer.text)}
+        assert httpx.get(server.url + "/v1/runs").status_code == 401  # (only /metrics opens)
+        document = httpx.get(server.url + "/openapi.json").json()["paths"]["/metrics"]["get"]
+        assert document["security"] == [] and "401" not in document["responses"]
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.parametrize(("server_table", "config", "phrase"), [
+    ('metrics_public = "yes"\n', "", "[server] metrics_public must be true or false, not 'yes'"),
+    ("metrics_public = 1\n", "", "[server] metrics_public must be true or false, not 1"),
+    ('metrics_public = true\nmetrics_key_env = "CORRAL_TEST_METRICS"\n', "",
+     "so metrics_key_env would protect nothing; keep one"),
+    ('metrics_key_env = "CORRAL_TEST_UNSET"\n', "",
+     "[server] metrics_key_env names 'CORRAL_TEST_UNSET', which must hold a scrape token of at "
+     "least 16 characters"),
+    ("", HOOK + "tolerance_s = 0\n",
+     "[server.webhooks.quick] tolerance_s must be a number of seconds from 1 to 86400, not 0"),
+    ("", HOOK + 'tolerance_s = "300"\n', "tolerance_s must be a number of seconds from 1 to "
+     "86400, not '300'"),
+    ("", HOOK + "tolerance_s = true\n", "tolerance_s must be a number of seconds from 1 to "
+     "86400, not True"),
+])
+def test_bad_metrics_and_tolerance_settings_stop_the_server(
+        tmp_path: Path, server_table: str, config: str, phrase: str) -> None:
+    with pytest.raises(AssertionError, match=re.escape(phrase)):
+        start_server(tmp_path, config=config, server=server_table)
 
 
 def test_metrics_and_openapi(server: Server) -> None:
@@ -235,7 +393,8 @@ def test_the_gateway_answers_in_the_same_server_and_its_costs_show(
             assert [s["key"] for s in series] == ["acme"] and series[0]["points"][0][1] > 0
         with server.client(server.key("globex")) as globex:  # a tenant sees its own costs
             assert globex.get("/v1/costs").json()["series"] == []
-        text = httpx.get(server.url + "/metrics").text
+        text = httpx.get(server.url + "/metrics",
+                         headers={"Authorization": f"Bearer {SCRAPE_TOKEN}"}).text
         families = {f.name for f in text_string_to_metric_families(text)}
         assert {"corral_gateway_requests", "corral_runs"} <= families
     finally:

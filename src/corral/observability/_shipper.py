@@ -47,6 +47,10 @@ log = logging.getLogger("corral.observability")
 
 STOP_TIMEOUT = 10.0
 """How long a closing worker waits for its shipper to send what is committed."""
+RESTART_AFTER = 30.0
+"""A shipper that dies is started again by its worker, at most this often (seconds)."""
+ROUND_ROWS = 1024
+"""Rows read per table per round (sent in requests of the exporter's ``max_batch`` spans)."""
 NICE = 10
 """The shipper's niceness: when the cores are busy, the worker runs first and the shipper
 catches up when they are not (the spans wait in the store meanwhile)."""
@@ -56,20 +60,23 @@ class Shipper:
     """Exports what a store committed past its cursor for one endpoint, a round at a time."""
 
     def __init__(self, store: SQLiteStore, exporter: OTLPExporter, sample: float = 1.0,
-                 max_batch: int = 1024) -> None:
+                 rows: int = ROUND_ROWS) -> None:
         from ._tracing import Tracing
 
         self.store = store
         self.exporter = exporter
         self.sampled = Tracing(sample=sample).sampled
-        self.max_batch = max_batch
+        self.rows = rows
         self.cursor = store.export_cursor(exporter.endpoint, time.time())
+        self.saved = time.monotonic()
 
     def ship(self) -> int | None:
         """One round: how many rows it went past (0: nothing new), or None when the collector
         could not take them (nothing moved; try again later)."""
-        got = self.store.committed_since(self.cursor, self.max_batch)
+        got = self.store.committed_since(self.cursor, self.rows)
         if not (got.entries or got.spans or got.ended):
+            if time.monotonic() - self.saved > 60:  # (an idle endpoint is not a stale one)
+                self._save(self.cursor)
             return 0
         spans = [span for _, span in got.spans if self.sampled(span.trace_id)]
         ids: dict[str, tuple[str, str, bool]] = {}  # run id: (trace id, its span id, sampled)
@@ -95,14 +102,19 @@ class Shipper:
                                       record.tenant, record.created_at,
                                       record.started_at or record.created_at, record.ended_at,
                                       record.status, record.error))
-        if spans and not self.exporter.deliver(spans):
-            return None
+        size = self.exporter.max_batch  # (spans per request; a round may take several)
+        for i in range(0, len(spans), size):
+            if not self.exporter.deliver(spans[i:i + size]):
+                return None  # (requests already taken are sent again: the same span ids)
         journal, stored, ends = self.cursor
-        self.cursor = (got.entries[-1][0] if got.entries else journal,
-                       got.spans[-1][0] if got.spans else stored,
-                       got.ended[-1][0] if got.ended else ends)
-        self.store.save_export_cursor(self.exporter.endpoint, self.cursor, time.time())
+        self._save((got.entries[-1][0] if got.entries else journal,
+                    got.spans[-1][0] if got.spans else stored,
+                    got.ended[-1][0] if got.ended else ends))
         return len(got.entries) + len(got.spans) + len(got.ended)
+
+    def _save(self, cursor: tuple[int, int, int]) -> None:
+        self.store.save_export_cursor(self.exporter.endpoint, cursor, time.time())
+        self.cursor, self.saved = cursor, time.monotonic()
 
 
 def _lock_path(db: str, endpoint: str) -> Path:
@@ -118,9 +130,12 @@ def run(settings: dict[str, Any], stopping: threading.Event) -> None:
     exporter = OTLPExporter(settings["endpoint"], headers=settings.get("headers"),
                             resource=settings.get("resource"),
                             compression=settings.get("compression", "gzip"),
+                            max_batch=settings.get("max_batch", 512),
+                            timeout=settings.get("timeout", 10.0),
                             attempts=settings.get("attempts", 3),
                             backoff=settings.get("backoff", 0.5))
     interval = float(settings.get("interval", 0.2))
+    parent = settings.get("parent")
     lock = _lock_path(settings["db"], exporter.endpoint)
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
@@ -135,17 +150,22 @@ def run(settings: dict[str, Any], stopping: threading.Event) -> None:
                     stopping.wait(1.0)
                     continue
                 # stopping too: the holder may be leaving before this worker's last commits
-                give_up = give_up or time.monotonic() + 2.0
+                give_up = give_up or time.monotonic() + 1.0
                 if time.monotonic() > give_up:
                     return  # (what is left goes with the next shipper)
                 time.sleep(0.05)
-        store = SQLiteStore(settings["db"])
+        store = SQLiteStore(settings["db"], durability="process")
         try:
-            shipper = Shipper(store, exporter, settings.get("sample", 1.0),
-                              settings.get("max_batch", 1024))
+            shipper = Shipper(store, exporter, settings.get("sample", 1.0))
             failures = 0
             while True:
-                shipped = shipper.ship()
+                if parent is not None and os.getppid() != parent:
+                    stopping.set()  # (the worker is gone, though a fork of it holds stdin)
+                try:
+                    shipped = shipper.ship()
+                except Exception:  # (the store busy past its timeout...: the next round)
+                    log.exception("span shipper round failed; trying again")
+                    shipped = None
                 if shipped is None:
                     failures += 1
                     if stopping.is_set() and failures >= 2:
@@ -175,13 +195,17 @@ def settings_for(db: str, tracing: Any) -> dict[str, Any]:
                         if k not in ("Content-Type", "User-Agent", "Content-Encoding")},
             "resource": exporter.resource, "compression": exporter.compression,
             "sample": tracing.sample, "interval": min(exporter.interval, 0.2),
-            "max_batch": max(exporter.max_batch, 1024)}
+            "max_batch": exporter.max_batch, "timeout": exporter.timeout,
+            "attempts": exporter.attempts, "backoff": exporter.backoff,
+            "parent": os.getpid()}
 
 
 class ShipperProcess:
     """A worker's shipper, as a child process."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+        self.started = time.monotonic()
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from corral.observability._shipper import main; main()"],
             stdin=subprocess.PIPE,
@@ -192,9 +216,23 @@ class ShipperProcess:
         stdin.write(json.dumps(settings).encode() + b"\n")
         stdin.flush()  # (stdin stays open: closing it is the signal to stop)
 
+    def exited(self) -> bool:
+        """It died, ``RESTART_AFTER`` seconds or more after it started (the worker starts
+        another; its spans wait in the store). One that dies sooner is left a while: the
+        worker does not start a process a second when something makes them all fail."""
+        if time.monotonic() - self.started < RESTART_AFTER:
+            return False
+        code = self.process.poll()
+        if code is not None:
+            log.error("span shipper (pid %d) exited with %s; starting another",
+                      self.process.pid, code)
+            with contextlib.suppress(OSError):
+                self._stdin.close()
+        return code is not None
+
     async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """Ask it to send what is committed and leave; after ``timeout``, stop it anyway (what
-        it did not send stays in the store, for the next shipper)."""
+        """Ask it to send what is committed and leave; after ``timeout`` (or if the wait is
+        cancelled), stop it anyway: what it did not send stays in the store, for the next."""
         with contextlib.suppress(OSError):
             self._stdin.close()
         try:
@@ -203,7 +241,11 @@ class ShipperProcess:
             log.warning("span shipper (pid %d) still sending after %.0f s; stopped, the rest "
                         "goes with the next one", self.process.pid, timeout)
             self.process.kill()
-            await asyncio.to_thread(self.process.wait)
+            self.process.wait()
+        except BaseException:
+            self.process.kill()
+            self.process.wait()
+            raise
 
 
 def main() -> None:

@@ -758,19 +758,26 @@ class Runtime:
             await self._evict(list(self._live.values()), force=True)
             await self._writer.close()
         finally:
-            if self._shipper is not None:  # (after the last commit: it sends that too)
-                await self._shipper.stop()
-            loop = asyncio.get_running_loop()
-            _factory_users[loop] -= 1
-            if not _factory_users[loop]:  # the last runtime on this loop
-                del _factory_users[loop]
-                loop.set_task_factory(None)
-            self._release_lock()
-            if self._tuned_gc and gc.get_threshold() == WORKER_GC:
-                gc.set_threshold(*_PYTHON_GC)
-            self._executor.shutdown(wait=True)
-            if self._owns_store:
-                self.store.close()
+            try:
+                if self._shipper is not None:  # (after the last commit: it sends that too)
+                    await self._shipper.stop()
+            finally:
+                self._give_back()
+
+    def _give_back(self) -> None:
+        """What close gives back whatever happened before: the loop's task factory, the
+        worker's lock, the store's thread and the store."""
+        loop = asyncio.get_running_loop()
+        _factory_users[loop] -= 1
+        if not _factory_users[loop]:  # the last runtime on this loop
+            del _factory_users[loop]
+            loop.set_task_factory(None)
+        self._release_lock()
+        if self._tuned_gc and gc.get_threshold() == WORKER_GC:
+            gc.set_threshold(*_PYTHON_GC)
+        self._executor.shutdown(wait=True)
+        if self._owns_store:
+            self.store.close()
 
     async def _start_shipper(self) -> None:
         """An embedded worker exporting over OTLP does it from a span shipper (a process)."""
@@ -778,7 +785,8 @@ class Runtime:
 
         tracing = self.tracing  # (another kind of exporter is fed from the worker's thread)
         if (not isinstance(tracing.exporter, OTLPExporter) or tracing.export_from != "process"
-                or not isinstance(self.store, SQLiteStore) or self._lock_dir() is None):
+                or not isinstance(self.store, SQLiteStore) or self._lock_dir() is None
+                or not tracing.sample):
             return
         # the cursor starts here, before this worker commits anything, so nothing is missed
         await self._call(self.store.export_cursor, tracing.exporter.endpoint, time.time())
@@ -1071,6 +1079,9 @@ class Runtime:
         now = time.time()
         if now >= self._next_recovery:
             self._next_recovery = now + 1.0
+            shipper = self._shipper
+            if shipper is not None and shipper.exited():  # (its spans wait in the store)
+                self._shipper = ShipperProcess(shipper.settings)
             for owner in await self._call(self.store.owners):
                 if owner != self.id and not self._alive(owner):
                     count = await self._call(self.store.requeue, owner, now)

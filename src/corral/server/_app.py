@@ -5,6 +5,8 @@ dashboard, and the gateway's OpenAI-compatible routes when a gateway is configur
 Every /v1 request sends a key as ``Authorization: Bearer KEY``: a key from ``corral keys
 create`` acts for its tenant and sees only its tenant's runs; the master key
 (``[server] master_key_env``) sees every tenant and may act for one with ``X-Corral-Tenant``.
+/metrics spans every tenant: the master key or the scrape token (``[server] metrics_key_env``)
+reads it, a tenant's key does not, unless ``[server] metrics_public = true``.
 Errors are ``{"error": {"message", "type", "code"}}`` with the HTTP status.
 """
 
@@ -16,6 +18,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -44,6 +47,9 @@ log = logging.getLogger("corral.server")
 STATIC = Path(__file__).parent / "static"
 STATUSES = ("queued", "running", "waiting", "completed", "failed", "cancelled")
 MAX_BODY = 1 << 20
+DEFAULT_TOLERANCE_S = 300.0
+"""How far a webhook's X-Corral-Timestamp may be from the server's clock, either way."""
+_STAMP = re.compile(r"[0-9]{1,12}")
 
 
 class ApiError(Exception):
@@ -60,17 +66,24 @@ class ApiError(Exception):
 @dataclass(frozen=True)
 class Webhook:
     """``POST /v1/hooks/{name}`` starts ``workflow`` for ``tenant`` with the body as input,
-    when the body is signed: ``X-Corral-Signature: sha256=<hex HMAC-SHA256 of the body>``."""
+    when the request is signed: ``X-Corral-Timestamp: <Unix seconds>`` and
+    ``X-Corral-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">``, the timestamp
+    at most ``tolerance_s`` from the server's clock."""
 
     workflow: str
     secret: bytes
     tenant: str = "default"
+    tolerance_s: float = DEFAULT_TOLERANCE_S
 
 
 @dataclass
 class Settings:
     workflows: dict[str, Workflow[Any, Any]]
     master_key: str | None = None
+    metrics_key: str | None = None
+    """The scrape token: reads /metrics and nothing else."""
+    metrics_public: bool = False
+    """/metrics without a token, for a port only the cluster reaches."""
     keys: Any = None
     """A gateway KeyCache: tenant-scoped keys."""
     webhooks: dict[str, Webhook] = field(default_factory=dict)
@@ -114,6 +127,27 @@ def create_app(rt: Runtime, settings: Settings) -> Starlette:
                        "NAME` (or the server's master key) as 'Authorization: Bearer KEY'",
                        "invalid_api_key", type="authentication_error")
 
+    async def scraper(request: Request) -> Principal:
+        """/metrics spans every tenant: the master key or the scrape token reads it."""
+        if settings.metrics_public:
+            return Principal(None, "public")
+        scheme, _, secret = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and secret:
+            for key_id, token in (("master", settings.master_key),
+                                  ("metrics", settings.metrics_key)):
+                if token and hmac.compare_digest(secret.encode(), token.encode()):
+                    return Principal(None, key_id)
+            if settings.keys is not None and await settings.keys.find(secret) is not None:
+                raise ApiError(403, "a tenant's key cannot read /metrics: the metrics span "
+                               "every tenant; scrape with the token in [server] "
+                               "metrics_key_env (or the master key)", "forbidden",
+                               type="permission_error")
+        raise ApiError(401, "GET /metrics needs 'Authorization: Bearer TOKEN' with the token "
+                       "in [server] metrics_key_env (or the master key); in Prometheus, give "
+                       "the scrape job authorization: {credentials_file: FILE}. On a port only "
+                       "the cluster reaches, [server] metrics_public = true serves it openly",
+                       "invalid_api_key", type="authentication_error")
+
     async def body_of(request: Request) -> Any:
         data = bytearray()
         async for part in request.stream():
@@ -140,10 +174,11 @@ def create_app(rt: Runtime, settings: Settings) -> Starlette:
         return run
 
     def endpoint(handler: Callable[[Request, Principal], Awaitable[Response]],
-                 authenticated: bool = True) -> Callable[[Request], Awaitable[Response]]:
+                 auth: Callable[[Request], Awaitable[Principal]] | None = authorize,
+                 ) -> Callable[[Request], Awaitable[Response]]:
         async def wrapped(request: Request) -> Response:
             try:
-                principal = await authorize(request) if authenticated else Principal(None, "")
+                principal = await auth(request) if auth is not None else Principal(None, "")
                 return await handler(request, principal)
             except ApiError as exc:
                 return exc.response()
@@ -330,12 +365,8 @@ def create_app(rt: Runtime, settings: Settings) -> Starlette:
         data = await request.body()
         if len(data) > MAX_BODY:
             raise ApiError(413, f"the request body is over {MAX_BODY} bytes", "request_too_large")
-        expected = "sha256=" + hmac.new(webhook.secret, data, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(request.headers.get("x-corral-signature", "").encode(),
-                                   expected.encode()):
-            raise ApiError(401, "bad or missing X-Corral-Signature: sign the raw body with "
-                           "HMAC-SHA256 and the webhook's secret, as sha256=<hex>",
-                           "invalid_signature", type="authentication_error")
+        _check_signature(webhook, request.headers.get("x-corral-signature"),
+                         request.headers.get("x-corral-timestamp"), data, time.time())
         try:
             value = json.loads(data) if data else None
         except ValueError as exc:
@@ -383,7 +414,8 @@ def create_app(rt: Runtime, settings: Settings) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def openapi(request: Request, principal: Principal) -> Response:
-        return JSONResponse(spec(sorted(settings.workflows), sorted(settings.webhooks)))
+        return JSONResponse(spec(sorted(settings.workflows), sorted(settings.webhooks),
+                                 metrics_public=settings.metrics_public))
 
     async def home(request: Request) -> Response:
         return RedirectResponse("/dashboard/")
@@ -411,9 +443,9 @@ def create_app(rt: Runtime, settings: Settings) -> Starlette:
 
     routes: list[Any] = [
         Route("/", home, methods=["GET"]),
-        Route("/healthz", endpoint(health, authenticated=False), methods=["GET"]),
-        Route("/openapi.json", endpoint(openapi, authenticated=False), methods=["GET"]),
-        Route("/metrics", endpoint(metrics, authenticated=False), methods=["GET"]),
+        Route("/healthz", endpoint(health, auth=None), methods=["GET"]),
+        Route("/openapi.json", endpoint(openapi, auth=None), methods=["GET"]),
+        Route("/metrics", endpoint(metrics, auth=scraper), methods=["GET"]),
         Route("/v1/runs", endpoint(create_run), methods=["POST"]),
         Route("/v1/runs", endpoint(list_runs), methods=["GET"]),
         Route("/v1/runs/{run_id}", endpoint(get_run), methods=["GET"]),
@@ -424,7 +456,7 @@ def create_app(rt: Runtime, settings: Settings) -> Starlette:
         Route("/v1/approvals", endpoint(approvals), methods=["GET"]),
         Route("/v1/costs", endpoint(costs), methods=["GET"]),
         Route("/v1/audit", endpoint(audit), methods=["GET"]),
-        Route("/v1/hooks/{name}", endpoint(hook, authenticated=False), methods=["POST"]),
+        Route("/v1/hooks/{name}", endpoint(hook, auth=None), methods=["POST"]),
         *settings.gateway_routes,
     ]
     if STATIC.is_dir():
@@ -437,6 +469,42 @@ def _tenant(request: Request, principal: Principal) -> str:
     if principal.tenant is not None:
         return principal.tenant
     return request.headers.get("x-corral-tenant") or "default"
+
+
+def _check_signature(webhook: Webhook, signature: str | None, stamp: str | None, body: bytes,
+                     now: float) -> None:
+    """Raises a 401 unless ``signature`` is ``sha256=<hex HMAC-SHA256 of "<stamp>.<body>">``
+    with the webhook's secret and ``stamp`` (Unix seconds) is within its tolerance of ``now``.
+    The signed timestamp bounds a replay to the tolerance; the delivery id stops it within."""
+
+    def signs(message: bytes) -> bool:
+        expected = "sha256=" + hmac.new(webhook.secret, message, hashlib.sha256).hexdigest()
+        return hmac.compare_digest((signature or "").encode(), expected.encode())
+
+    def refuse(message: str, code: str) -> ApiError:
+        return ApiError(401, message, code, type="authentication_error")
+
+    how = ("send X-Corral-Timestamp: <Unix seconds> and X-Corral-Signature: sha256=<hex "
+           "HMAC-SHA256 of '<timestamp>.<raw body>' with the webhook's secret>")
+    if signature and signs(body):  # the scheme before timestamps: refused, said so
+        raise refuse("X-Corral-Signature signs the body alone, which a replay could reuse for "
+                     f"ever; signatures now cover a timestamp: {how}", "outdated_signature")
+    if not signature or not stamp:
+        missing = [name for name, value in (("X-Corral-Signature", signature),
+                                            ("X-Corral-Timestamp", stamp)) if not value]
+        raise refuse(f"missing {' and '.join(missing)}: {how}",
+                     "invalid_signature" if not signature else "invalid_timestamp")
+    if not _STAMP.fullmatch(stamp):
+        raise refuse("X-Corral-Timestamp must be the Unix time in whole seconds, not "
+                     f"{stamp[:32]!r}", "invalid_timestamp")
+    if not signs(f"{stamp}.".encode() + body):
+        raise refuse(f"bad X-Corral-Signature: {how}", "invalid_signature")
+    skew = now - int(stamp)
+    if abs(skew) > webhook.tolerance_s:
+        when = f"{skew:.0f} s old" if skew > 0 else f"{-skew:.0f} s in the future"
+        raise refuse(f"X-Corral-Timestamp is {when}, past this webhook's tolerance of "
+                     f"{webhook.tolerance_s:g} s: sign each delivery (and each retry) as it is "
+                     "sent, and check the sender's clock", "timestamp_out_of_tolerance")
 
 
 def _int(text: str | None, default: int, low: int, high: int, name: str) -> int:

@@ -64,7 +64,8 @@ _RUN_ID = {"name": "run_id", "in": "path", "required": True, "schema": {"type": 
 _SECURED: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
-def spec(workflows: list[str], webhooks: list[str]) -> dict[str, Any]:
+def spec(workflows: list[str], webhooks: list[str], *,
+         metrics_public: bool = False) -> dict[str, Any]:
     workflow_name = {"type": "string", **({"enum": workflows} if workflows else {})}
     run_by_id = {"parameters": [_RUN_ID]}
     return {
@@ -72,12 +73,23 @@ def spec(workflows: list[str], webhooks: list[str]) -> dict[str, Any]:
         "info": {"title": "corral control plane", "version": "1"},
         "components": {
             "schemas": {"Run": RUN, "Span": SPAN, "Error": ERROR},
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "a tenant's key (corral keys create) or the master key; "
+                               "/metrics takes the master key or the scrape token "
+                               "([server] metrics_key_env), never a tenant's key"}},
         },
         "security": _SECURED,
         "paths": {
             "/healthz": {"get": {"security": [], "operationId": "health", "responses": {
                 "200": _json({"type": "object"}), **_errors(503)}}},
+            "/metrics": {"get": {
+                "operationId": "metrics", "security": [] if metrics_public else _SECURED,
+                "summary": "Prometheus metrics of every tenant: the master key or the scrape "
+                           "token; a tenant's key is 403",
+                "responses": {"200": {"description": "the Prometheus text format", "content": {
+                    "text/plain": {"schema": {"type": "string"}}}},
+                    **_errors(*(() if metrics_public else (401, 403)), 503)}}},
             "/v1/runs": {
                 "post": {
                     "operationId": "submitRun",
@@ -206,10 +218,14 @@ def spec(workflows: list[str], webhooks: list[str]) -> dict[str, Any]:
                                     {"enum": webhooks} if webhooks else {})}}],
                 "post": {
                     "operationId": "webhook", "security": [],
-                    "summary": "Start the webhook's workflow; the body is signed with "
-                               "X-Corral-Signature: sha256=<hex HMAC-SHA256>",
+                    "summary": "Start the webhook's workflow; X-Corral-Signature is "
+                               "sha256=<hex HMAC-SHA256 of '<X-Corral-Timestamp>.<body>'>",
                     "parameters": [
                         {"name": "X-Corral-Signature", "in": "header", "required": True,
+                         "schema": {"type": "string"}},
+                        {"name": "X-Corral-Timestamp", "in": "header", "required": True,
+                         "description": "Unix seconds, within the webhook's tolerance "
+                                        "(300 s unless tolerance_s says otherwise)",
                          "schema": {"type": "string"}},
                         {"name": "X-Corral-Delivery", "in": "header", "required": False,
                          "schema": {"type": "string"}},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -27,6 +28,11 @@ from ._base import (
 )
 
 SCHEMA_VERSION = 3
+EXPORT_KEPT = 7 * 86400
+"""How long the run ends an endpoint has not sent are kept for it (its shipper refreshes its
+cursor's time at least once a minute while it runs)."""
+
+log = logging.getLogger("corral.stores")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -234,6 +240,7 @@ class SQLiteStore(Store):
         self.path = os.fspath(path)
         self.log_ends = False
         """Log which runs ended, in commit order, for a span shipper (observability)."""
+        self.reads_only = False
         self._lock = threading.RLock()
         if self.path != ":memory:":
             parent = os.path.dirname(os.path.abspath(self.path))
@@ -258,7 +265,8 @@ class SQLiteStore(Store):
         if self.path == ":memory:":
             return self
         reader = object.__new__(SQLiteStore)
-        reader.path, reader.log_ends, reader._lock = self.path, False, threading.RLock()
+        reader.path, reader.log_ends, reader.reads_only = self.path, False, True
+        reader._lock = threading.RLock()
         try:
             reader._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
                                          check_same_thread=False)
@@ -286,7 +294,7 @@ class SQLiteStore(Store):
                 "point --db at another file; corral changed nothing",
                 path=self.path,
             )
-        if "readonly" in text:
+        if "readonly" in text and self.reads_only:
             return StoreError(
                 f"database {self.path}: this connection only reads (SQLiteStore.reader()); "
                 "write through the store it came from",
@@ -667,27 +675,38 @@ class SQLiteStore(Store):
 
     def export_cursor(self, endpoint: str, now: float) -> tuple[int, int, int]:
         """Where the export to ``endpoint`` is: (journal rowid, spans rowid, run_ends seq) sent
-        up to. An endpoint seen for the first time starts at the end: history is not sent."""
-        with self._tx() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO exports (endpoint, journal, spans, ends, updated_at)"
-                " VALUES (?, (SELECT IFNULL(MAX(rowid), 0) FROM journal),"
+        up to. An endpoint seen for the first time starts at the end (history is not sent), and
+        so does one not exported to for ``EXPORT_KEPT`` seconds (the run ends it had not sent
+        are gone) or whose cursor is past a table's end (the file was rebuilt: rowids
+        renumbered)."""
+        ends = ("(SELECT IFNULL(MAX(rowid), 0) FROM journal),"
                 " (SELECT IFNULL(MAX(rowid), 0) FROM spans),"
-                " (SELECT IFNULL(MAX(seq), 0) FROM run_ends), ?)", (endpoint, now))
-            journal, spans, ends = db.execute(
-                "SELECT journal, spans, ends FROM exports WHERE endpoint = ?",
-                (endpoint,)).fetchone()
-        return journal, spans, ends
+                " (SELECT IFNULL(MAX(seq), 0) FROM run_ends)")
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO exports (endpoint, journal, spans, ends,"
+                       f" updated_at) VALUES (?, {ends}, ?)", (endpoint, now))
+            row = db.execute(f"SELECT journal, spans, ends, updated_at, {ends} FROM exports"
+                             " WHERE endpoint = ?", (endpoint,)).fetchone()
+            cursor, updated, last = row[:3], row[3], row[4:]
+            stale = updated < now - EXPORT_KEPT
+            if stale or any(c > m for c, m in zip(cursor, last, strict=True)):
+                log.warning("span export to %s starts again at the store's end (%s); what was "
+                            "committed since its cursor is not sent", endpoint,
+                            "not exported to for a week" if stale else "the file was rebuilt")
+                db.execute("UPDATE exports SET journal = ?, spans = ?, ends = ?,"
+                           " updated_at = ? WHERE endpoint = ?", (*last, now, endpoint))
+                cursor = last
+        return cursor[0], cursor[1], cursor[2]
 
     def save_export_cursor(self, endpoint: str, cursor: tuple[int, int, int],
                            now: float) -> None:
         """Move the cursor, and forget the run ends every endpoint has sent (an endpoint not
-        exported to for a week no longer holds them)."""
+        exported to for ``EXPORT_KEPT`` seconds no longer holds them: see `export_cursor`)."""
         with self._tx() as db:
             db.execute("UPDATE exports SET journal = ?, spans = ?, ends = ?, updated_at = ?"
                        " WHERE endpoint = ?", (*cursor, now, endpoint))
             db.execute("DELETE FROM run_ends WHERE seq < (SELECT MIN(ends) FROM exports"
-                       " WHERE updated_at > ?)", (now - 7 * 86400,))
+                       " WHERE updated_at > ?)", (now - EXPORT_KEPT,))
 
     def committed_since(self, cursor: tuple[int, int, int], limit: int) -> Committed:
         """Up to ``limit`` each of the journal entries, stored spans and run ends committed
