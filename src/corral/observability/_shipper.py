@@ -3,9 +3,9 @@
 An embedded worker commits its spans to the store anyway (the journal is most of a trace, and
 the spans with more to say are rows beside it); with a shipper, it also logs which runs ended
 (``run_ends``, a row per run, in the commit). Exporting them from the worker itself costs
-25–35 µs of CPU per step under the worker's GIL (docs/benchmarks.md); the shipper does it on
+25 to 35 µs of CPU per step under the worker's GIL (docs/benchmarks.md); the shipper does it on
 another core instead, by tailing the store: journal entries, stored spans and run ends past a
-cursor, in commit order, built into spans, sampled by trace id, sent in one request per round.
+cursor, in commit order, built into spans, sampled by trace id, sent in requests of max_batch.
 The cursor (the ``exports`` table, one row per endpoint) moves only once the collector has taken
 the spans, so a collector that is down, or a shipper killed mid-round, loses nothing: the
 spans wait in the store and go when it answers again (a round cut between the collector's
