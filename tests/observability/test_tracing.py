@@ -691,6 +691,42 @@ async def test_a_tool_calls_decision_record_names_its_steps_span(
     assert gate.span_id != one(spans, "execute_tool lookup").span_id
 
 
+@corral.workflow
+async def waits_for_go(ctx: corral.Context, item: str) -> Any:
+    return await ctx.wait_for("go")
+
+
+async def test_a_humans_approval_and_cancel_are_in_the_runs_trace_and_tenant(
+        tmp_path: Path) -> None:
+    """A run submitted with the caller's trace id: the override records join that trace (not
+    one derived from the run id) and carry the run's tenant (not governance's default)."""
+    shared = str(tmp_path / "shared.db")
+    upgrade(shared)
+    log = DecisionLog(shared)
+    install_governance(Governance(log=log))
+    trace_id = "ab" * 16
+    try:
+        async with runtime(tmp_path / "corral.db") as rt:
+            approved = await rt.start(waits_for_go, "x", tenant="acme", trace_id=trace_id)
+            await until(lambda: _status(rt, approved.id, "waiting"), "the run to wait")
+            await rt.signal(approved.id, "go", True)
+            stopped = await rt.start(waits_for_go, "y", tenant="globex")
+            await until(lambda: _status(rt, stopped.id, "waiting"), "the other run to wait")
+            await rt.cancel(stopped.id)
+    finally:
+        install_governance(None)
+        await log.close()
+    with sqlite3.connect(shared) as conn:
+        rows = conn.execute("SELECT data FROM corral_decision_records ORDER BY idx").fetchall()
+    conn.close()
+    overrides = [r for r in (json.loads(d)["record"] for (d,) in rows)
+                 if r["kind"] == "human_override"]
+    assert [(r["decision"], r["run_id"], r["tenant"], r["trace_id"]) for r in overrides] == [
+        ("signal:go", approved.id, "acme", trace_id),
+        ("cancel", stopped.id, "globex", trace_id_for(stopped.id))]
+    assert overrides[0]["span_id"] == run_span_id(approved.id)
+
+
 # -- traceparent --------------------------------------------------------------------------------
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -29,7 +29,7 @@ import contextvars
 import json
 import logging
 import os
-from collections.abc import Container, Iterator
+from collections.abc import Awaitable, Callable, Container, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -334,15 +334,18 @@ class Governance:
 
     # -- human overrides
 
-    async def override(self, run_id: str, what: str, value: Any = None) -> None:
+    async def override(self, run_id: str, what: str, value: Any = None, *,
+                       tenant: str | None = None, trace_id: str | None = None) -> None:
         """A human acted on a run (a signal: an approval, an escalation's answer; a cancel):
-        recorded and committed before the call returns, so the override is never lost."""
+        recorded and committed before the call returns, so the override is never lost. The
+        record is the run's tenant's, in the run's trace (derived from its id when the run
+        was not given one)."""
         if self.log is None:
             return
         self.log.append(DecisionRecord(
-            kind="human_override", tenant=self.tenant, run_id=run_id, decision=what,
+            kind="human_override", tenant=tenant or self.tenant, run_id=run_id, decision=what,
             acting_for=f"user:{_operator()}", inputs=self.redact_json(value),
-            trace_id=trace_id_for(run_id), span_id=run_span_id(run_id)))
+            trace_id=trace_id or trace_id_for(run_id), span_id=run_span_id(run_id)))
         await self.log.flush()
 
     # -- records
@@ -414,11 +417,15 @@ def _operator() -> str:
         return "unknown"
 
 
-async def overridden(run_id: str, what: str, value: Any = None) -> None:
-    """Record a human override with the process's governance, if it records decisions."""
+async def overridden(run_id: str, what: str, value: Any = None,
+                     run: Callable[[], Awaitable[Any]] | None = None) -> None:
+    """Record a human override with the process's governance, if it records decisions;
+    ``run`` reads the run's record, for its tenant and trace."""
     governance = installed()
-    if governance is not None:
-        await governance.override(run_id, what, value)
+    if governance is not None and governance.log is not None:
+        record = await run() if run is not None else None
+        await governance.override(run_id, what, value, tenant=getattr(record, "tenant", None),
+                                  trace_id=getattr(record, "trace_id", None))
 
 
 _installed: Governance | None = None

@@ -13,6 +13,7 @@ import contextvars
 import random as _random
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
@@ -278,8 +279,10 @@ def utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-async def note_override(run_id: str, what: str, value: Any = None) -> None:
-    """A human's signal or cancel, for the decision log (when governance records them)."""
+async def note_override(run_id: str, what: str, value: Any = None,
+                        run: Callable[[], Awaitable[Any]] | None = None) -> None:
+    """A human's signal or cancel, for the decision log (when governance records them).
+    ``run`` reads the run's record (its tenant and trace), only when a record is made."""
     from ..governance._chain import overridden
 
-    await overridden(run_id, what, value)
+    await overridden(run_id, what, value, run)

@@ -1003,13 +1003,14 @@ class Runtime:
         await self._call(self.store.send_signal, run_id, name, dumps(value).decode(),
                          time.time())
         self._wake.set()
-        await note_override(run_id, f"signal:{name}", value)
+        await note_override(run_id, f"signal:{name}", value,
+                            lambda: self._call(self.store.get_run, run_id))
 
     async def cancel(self, run_id: str) -> None:
         """Ask a run (and its children) to stop; it is cancelled at its next durable operation."""
-        await self._call(self.store.request_cancel, run_id, time.time())
+        record = await self._call(self.store.request_cancel, run_id, time.time())
         self._wake.set()
-        await note_override(run_id, "cancel")
+        await note_override(run_id, "cancel", run=lambda: asyncio.sleep(0, record))
 
     async def _outcome(self, run_id: str, fresh: bool) -> Outcome:
         """Wait for a run to finish: told at once when it ends here, polled when elsewhere."""
