@@ -663,6 +663,12 @@ async def test_a_version_1_database_is_upgraded_and_its_runs_still_read_and_run(
 
 # -- decision records ---------------------------------------------------------------------------
 
+def decision_records(shared: str) -> list[dict[str, Any]]:
+    with contextlib.closing(sqlite3.connect(shared)) as conn:
+        rows = conn.execute("SELECT data FROM corral_decision_records ORDER BY idx").fetchall()
+    return [json.loads(data)["record"] for (data,) in rows]
+
+
 async def test_a_tool_calls_decision_record_names_its_steps_span(
         tmp_path: Path, script: Callable[..., ScriptedModel]) -> None:
     script(*LOOKUP_THEN_ANSWER)
@@ -678,10 +684,7 @@ async def test_a_tool_calls_decision_record_names_its_steps_span(
     finally:
         install_governance(None)
         await log.close()
-    with sqlite3.connect(shared) as conn:
-        rows = conn.execute("SELECT data FROM corral_decision_records ORDER BY idx").fetchall()
-    conn.close()
-    [record] = [json.loads(data)["record"] for (data,) in rows]
+    [record] = decision_records(shared)
     assert record["kind"] == "tool_call" and record["inputs"]["tool"] == "lookup"
 
     spans = trace_of(db, handle.id)
@@ -716,11 +719,7 @@ async def test_a_humans_approval_and_cancel_are_in_the_runs_trace_and_tenant(
     finally:
         install_governance(None)
         await log.close()
-    with sqlite3.connect(shared) as conn:
-        rows = conn.execute("SELECT data FROM corral_decision_records ORDER BY idx").fetchall()
-    conn.close()
-    overrides = [r for r in (json.loads(d)["record"] for (d,) in rows)
-                 if r["kind"] == "human_override"]
+    overrides = [r for r in decision_records(shared) if r["kind"] == "human_override"]
     assert [(r["decision"], r["run_id"], r["tenant"], r["trace_id"]) for r in overrides] == [
         ("signal:go", approved.id, "acme", trace_id),
         ("cancel", stopped.id, "globex", trace_id_for(stopped.id))]
