@@ -70,7 +70,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from _load import LUA_PACING, busy_seconds, free_port
+from _load import LUA_PACING, busy_seconds, free_port, tree_cpu_seconds
 
 MASTER = "corral-bench-master-key-0123456789"
 WORKFLOWS = '''\
@@ -203,27 +203,8 @@ def own_seconds() -> float:
     RUSAGE_CHILDREN) and the live ones (the server, a running wrk: from /proc)."""
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF,
                                                  resource.RUSAGE_CHILDREN)]
-    tick = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        parents[int(entry.name)] = int(fields[1])
-        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
-    tree, frontier = set(), [os.getpid()]
-    while frontier:
-        parent = frontier.pop()
-        for child, p in parents.items():
-            if p == parent and child not in tree:
-                tree.add(child)
-                frontier.append(child)
-    return sum(u.ru_utime + u.ru_stime for u in usage) + sum(times[p] for p in tree)
+    return (sum(u.ru_utime + u.ru_stime for u in usage)
+            + tree_cpu_seconds(os.getpid(), root=False))
 
 
 class Foreign:

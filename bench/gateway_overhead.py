@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from _load import LUA_PACING, busy_seconds, free_port
+from _load import tree_cpu_seconds as cpu_seconds
 
 KEY = "sk-corral-bench-master"  # the gateways' master key, sent by wrk
 UPSTREAM_KEY = "sk-bench-upstream"
@@ -222,31 +223,6 @@ def own_seconds() -> float:
                                                  resource.RUSAGE_CHILDREN)]
     return (sum(u.ru_utime + u.ru_stime for u in usage)
             + sum(cpu_seconds(pid) for pid in SERVERS))
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its descendants, in seconds."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        parents[int(entry.name)] = int(fields[1])
-        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        for child, p in parents.items():
-            if p == parent and child not in tree:
-                tree.add(child)
-                frontier.append(child)
-    return sum(times.get(p, 0.0) for p in tree)
 
 
 @dataclass(kw_only=True)
