@@ -230,9 +230,6 @@ def _serve(args: argparse.Namespace) -> int:
     from .runtime._definitions import load_workflows
 
     config = _config(args)
-    if config.temporal:
-        raise UsageError("corral serve runs the embedded engine in this version; on Temporal, "
-                         "submit and steer runs with `corral run` and `corral runs`")
     section = dict((config.sections or {}).get("server") or {})
     unknown = set(section) - {"master_key_env", "metrics_key_env", "metrics_public",
                               "workflows", "webhooks"}
@@ -290,7 +287,9 @@ def _serve(args: argparse.Namespace) -> int:
     shared = config.database or db
     if not is_postgres(shared):  # one file on one machine: bring it up to date
         upgrade(shared)
-    rt = Runtime(db, worker=not args.no_worker, lock_timeout=args.lock_timeout)
+    # on Temporal, the runs are the cluster's; a worker here serves the default task queue
+    rt = connect(config, worker=not args.no_worker) if config.temporal else Runtime(
+        db, worker=not args.no_worker, lock_timeout=args.lock_timeout)
     store = KeyStore(shared)
     settings = Settings(workflows=workflows, master_key=master_key, metrics_key=metrics_key,
                         metrics_public=metrics_public, keys=KeyCache(store, 2.0),
@@ -658,7 +657,9 @@ async def _runs_temporal(args: argparse.Namespace, config: Config) -> int:
             _print_runs(await rt.list_runs(status=args.status, workflow=args.workflow,
                                            limit=args.limit), args.json)
         elif args.runs_command == "show":
-            _print_run(await rt.get(args.run_id), await rt.journal(args.run_id), args.json)
+            runs, journals, stored = await rt.trace(args.run_id)
+            _print_run(runs[0], journals[runs[0].id], args.json,
+                       assemble(runs, journals, stored))
         elif args.runs_command == "cancel":
             await rt.cancel(args.run_id)
             print(f"cancel requested for run {args.run_id}")

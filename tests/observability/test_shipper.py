@@ -101,13 +101,22 @@ async def test_a_batch_the_collector_refuses_for_good_is_not_sent_again(
     db = tmp_path / "corral.db"
     receiver.answers = [(400, {}, b"bad request")]
     async with runtime(db, receiver.url) as rt:
-        refused = await rt.start(twice, 1)
-        assert await refused.result(timeout=30) == 4
+        refused_run = await rt.start(twice, 1)
+        assert await refused_run.result(timeout=30) == 4
         await asyncio.to_thread(receiver.wait_for, 1)
         taken = await rt.start(twice, 2)
         assert await taken.result(timeout=30) == 8
-    assert received(receiver) == local_spans(db, [taken.id])
-    assert [status for status, _, _ in receiver.requests] == [400, 200]
+    # the refused request's spans never come again; the rest of the first run's (if its
+    # spans were committed in two rounds) and all of the second's are taken, each once
+    refused = {s.span_id.hex() for s in receiver.requests[0][2].resource_spans[0]
+               .scope_spans[0].spans}
+    sent = received(receiver)
+    assert refused and not refused & {span_id for _, _, span_id, _ in sent}
+    assert set(local_spans(db, [taken.id])) <= set(sent) <= set(
+        local_spans(db, [refused_run.id, taken.id]))
+    assert len(sent) == len(set(sent))
+    assert receiver.requests[0][0] == 400
+    assert {status for status, _, _ in receiver.requests[1:]} == {200}
 
 
 async def test_export_from_the_workers_thread_is_a_setting(tmp_path: Path) -> None:

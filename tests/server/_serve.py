@@ -30,6 +30,7 @@ class Server:
     db: Path
     process: subprocess.Popen[bytes]
     log: Path
+    engine: str = "embedded"
 
     def key(self, tenant: str) -> str:
         """A new API key of ``tenant``, from the CLI, once the server knows it (servers

@@ -1,4 +1,4 @@
-"""Runs in the embedded store as Prometheus metrics, read when scraped.
+"""Runs as Prometheus metrics, read when scraped, from the embedded store or from Temporal.
 
 - ``corral_runs{status}``: runs by status (queued, running, waiting, completed, failed, ...);
 - ``corral_queue_depth{queue}``: runs due now and not yet claimed, per queue;
@@ -7,7 +7,9 @@
 - ``corral_step_duration_seconds{step,status}`` and ``corral_model_duration_seconds{model,
   status}``: histograms of this process's steps and agents' model calls.
 
-Each scrape is two indexed queries on a read-only connection (WAL: it never blocks writers).
+Embedded, each scrape is two indexed queries on a read-only connection (WAL: it never blocks
+writers). On Temporal the counts come from its visibility store, and the queue's depth and
+age from its task queue's backlog (workflow and activity tasks not yet taken by a worker).
 """
 
 from __future__ import annotations
@@ -81,39 +83,64 @@ STEPS = Timings("corral_step_duration_seconds", "Step latency (executed, not rep
 MODELS = Timings("corral_model_duration_seconds", "Model call latency, by the agents", "model")
 
 
+Queues = dict[str, tuple[int, float]]
+"""Per queue: how many runs (or tasks) are due and not yet taken, and the oldest one's age."""
+
+
+def _families(runs: dict[str, int], queues: Queues) -> Iterator[Metric]:
+    by_status = GaugeMetricFamily("corral_runs", "Runs by status", labels=["status"])
+    for status, count in sorted(runs.items()):
+        by_status.add_metric([status], count)
+    depth = GaugeMetricFamily("corral_queue_depth", "Runs due and not yet claimed",
+                              labels=["queue"])
+    oldest = GaugeMetricFamily("corral_queue_oldest_age_seconds",
+                               "How long the oldest due run has waited", labels=["queue"])
+    for queue, (count, age) in sorted(queues.items()):
+        depth.add_metric([queue], count)
+        oldest.add_metric([queue], age)
+    yield from (by_status, depth, oldest)
+
+
 class RunCollector(Collector):
     def __init__(self, db: str) -> None:
         self.db = db
 
     def collect(self) -> Iterator[Metric]:
-        runs = GaugeMetricFamily("corral_runs", "Runs by status", labels=["status"])
-        depth = GaugeMetricFamily("corral_queue_depth", "Runs due and not yet claimed",
-                                  labels=["queue"])
-        oldest = GaugeMetricFamily("corral_queue_oldest_age_seconds",
-                                   "How long the oldest due run has waited", labels=["queue"])
         now = time.time()
         conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5)
         try:
-            for status, count in conn.execute(
-                    "SELECT status, count(*) FROM runs GROUP BY status ORDER BY status"):
-                runs.add_metric([status], count)
-            for queue, count, first in conn.execute(
-                    "SELECT queue, count(*), min(run_at) FROM runs WHERE status = 'queued' "
-                    "AND run_at <= ? GROUP BY queue ORDER BY queue", (now,)):
-                depth.add_metric([queue], count)
-                oldest.add_metric([queue], max(0.0, now - first))
+            runs = dict(conn.execute("SELECT status, count(*) FROM runs GROUP BY status"))
+            queues = {queue: (count, max(0.0, now - first)) for queue, count, first in
+                      conn.execute("SELECT queue, count(*), min(run_at) FROM runs WHERE "
+                                   "status = 'queued' AND run_at <= ? GROUP BY queue", (now,))}
         finally:
             conn.close()
-        yield runs
-        yield depth
-        yield oldest
+        yield from _families(runs, queues)
+
+
+class _Counted(Collector):
+    def __init__(self, runs: dict[str, int], queues: Queues) -> None:
+        self.runs, self.queues = runs, queues
+
+    def collect(self) -> Iterator[Metric]:
+        yield from _families(self.runs, self.queues)
 
 
 def run_metrics(db: str) -> bytes:
     """The store's run metrics and this process's step and model latencies, in Prometheus's
     text format."""
+    return _render(RunCollector(db))
+
+
+def render(runs: dict[str, int], queues: Queues) -> bytes:
+    """Run metrics counted elsewhere (Temporal's visibility and task queues), with this
+    process's step and model latencies."""
+    return _render(_Counted(runs, queues))
+
+
+def _render(collector: Collector) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RunCollector(db))
+    registry.register(collector)
     registry.register(STEPS)
     registry.register(MODELS)
     return generate_latest(registry)

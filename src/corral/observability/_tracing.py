@@ -37,7 +37,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._errors import UsageError
@@ -297,7 +297,8 @@ def workflow_span(name: str, attributes: dict[str, AttributeValue]) -> Iterator[
         failure = exc
         raise
     finally:
-        current_span.reset(token)
+        with suppress(ValueError):  # (unwound by the collector, in another context)
+            current_span.reset(token)
         run.close_span(span, failure)
 
 

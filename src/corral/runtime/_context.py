@@ -93,6 +93,13 @@ def task_factory(
     return asyncio.Task(coro, loop=loop, context=context)
 
 
+def check_trace_id(trace_id: str | None) -> None:
+    if trace_id is not None and (len(trace_id) != 32 or trace_id.strip("0123456789abcdef")
+                                 or not trace_id.strip("0")):
+        raise UsageError(f"trace_id must be 32 lowercase hex digits, not all zero (a W3C "
+                         f"trace id), not {trace_id!r}")
+
+
 def start_time(run_at: datetime | float | None, delay: float | timedelta | None) -> float:
     """When a run submitted now with ``run_at`` and/or ``delay`` may start (epoch seconds)."""
     when = time.time()

@@ -62,6 +62,7 @@ from ..stores._base import Outcome
 from ._context import (
     Context,
     _Scope,
+    check_trace_id,
     child_value,
     non_determinism,
     note_override,
@@ -928,10 +929,7 @@ class Runtime:
             raise UsageError("concurrency_key and concurrency_limit go together; pass both")
         if concurrency_limit is not None and concurrency_limit < 1:
             raise UsageError(f"concurrency_limit must be at least 1, not {concurrency_limit}")
-        if trace_id is not None and (len(trace_id) != 32 or trace_id.strip("0123456789abcdef")
-                                     or not trace_id.strip("0")):
-            raise UsageError(f"trace_id must be 32 lowercase hex digits, not all zero (a W3C "
-                             f"trace id), not {trace_id!r}")
+        check_trace_id(trace_id)
         value = workflow.validate_input(input)
         when = start_time(run_at, delay)
         spec = self._spec(workflow, value, id, queue, priority, when, concurrency_key,

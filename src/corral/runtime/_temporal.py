@@ -32,6 +32,13 @@ import temporalio.converter
 import temporalio.exceptions as tex
 from pydantic_core import to_jsonable_python
 from temporalio import activity, workflow
+from temporalio.api.enums.v1 import IndexedValueType, TaskQueueType
+from temporalio.api.operatorservice.v1 import (
+    AddSearchAttributesRequest,
+    ListSearchAttributesRequest,
+)
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
@@ -51,15 +58,18 @@ from .._errors import (
     UsageError,
 )
 from .._serde import PydanticSerializationError, dumps, loads
-from ..observability._spans import run_span_id, trace_id_for
+from ..observability._runs import STEPS
+from ..observability._spans import Span, run_span_id, step_span_id, trace_id_for
+from ..observability._traces import child_parent, run_span
+from ..observability._tracing import OpenSpan, current_span, step_span
 from ..observability._tracing import installed as installed_tracing
-from ..observability._tracing import step_span
 from ..stores import JournalEntry, RunRecord
 from ..stores.blobs import BlobStore
 from ._context import (
     REPLAY_RULE,
     Context,
     _Scope,
+    check_trace_id,
     child_context,
     child_value,
     non_determinism,
@@ -88,6 +98,17 @@ STEP = "corral.step"
 # max_attempts before it fails: Temporal's count includes them, a step's policy does not.
 LOST_ATTEMPTS = 5
 
+# Visibility: whose run it is, which workflow, and the signals it waits for (a run waiting
+# for a human is listed as waiting). `TemporalRuntime.open` registers them in the namespace.
+TENANT = temporalio.common.SearchAttributeKey.for_keyword("CorralTenant")
+WORKFLOW_NAME = temporalio.common.SearchAttributeKey.for_keyword("CorralWorkflow")
+WAITING_ON = temporalio.common.SearchAttributeKey.for_keyword_list("CorralWaitingOn")
+SEARCH_ATTRIBUTES = {TENANT.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD,
+                     WORKFLOW_NAME.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD,
+                     WAITING_ON.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD_LIST}
+# runs that began before a worker upserted CorralWaitingOn replay without it
+WAITING_PATCH = "corral.waiting-on"
+
 
 def parse_engine_url(url: str) -> dict[str, Any]:
     """``temporal://host:port?namespace=N&task_queue=Q`` as keyword arguments."""
@@ -106,13 +127,17 @@ def parse_engine_url(url: str) -> dict[str, Any]:
 
 
 class _Record:
-    __slots__ = ("at", "attempts", "kind", "name", "status", "value")
+    __slots__ = ("at", "attempts", "kind", "name", "span", "started", "status", "value")
 
     def __init__(self, kind: str, name: str, status: str, value: str, attempts: int = 1,
-                 at: float = 0.0) -> None:
+                 at: float = 0.0, started: float | None = None,
+                 span: list[Any] | None = None) -> None:
         self.kind, self.name, self.status, self.value = kind, name, status, value
         self.attempts = attempts
         self.at = at
+        self.started = at if started is None else started
+        self.span = span
+        """A step's span as its body described it: [name, attributes, parent span id]."""
 
 
 class _TemporalRun:
@@ -130,6 +155,12 @@ class _TemporalRun:
         self.inbox: dict[str, deque[Any]] = {}
         for name, value in args.get("signals", ()):
             self.inbox.setdefault(name, deque()).append(value)
+        self.tenant: str | None = args.get("tenant")
+        self.trace_id: str = args.get("trace_id") or trace_id_for(self.id)
+        self.spans: dict[str, list[Any]] = {s[0]: s for s in args.get("spans", ())}
+        """Spans of workflow code (an agent's loop) that closed: [id, parent, name, start,
+        end, status, message, attributes]."""
+        self.waits: dict[str, int] = {}
         self.extras: dict[str, Any] = {}
         self.activity = 0
         self.cancel_requested = False
@@ -168,10 +199,50 @@ class _TemporalRun:
             await _unscoped(workflow.wait_condition(lambda: False))
 
     def _record(self, key: str, kind: str, name: str, status: str, value: str,
-                attempts: int = 1) -> None:
-        self.journal[key] = _Record(kind, name, status, value, attempts,
-                                    workflow.now().timestamp())
+                attempts: int = 1, started: float | None = None,
+                span: list[Any] | None = None) -> None:
+        now = workflow.now().timestamp()
+        if started is None:
+            earlier = self.journal.get(key)
+            started = earlier.started if earlier is not None else now
+        self.journal[key] = _Record(kind, name, status, value, attempts, now, started, span)
         self.activity += 1
+
+    # -- spans of workflow code (see observability._tracing.workflow_span) --------------------
+
+    def open_span(self, name: str, scope: _Scope, attributes: dict[str, Any]) -> OpenSpan:
+        span_id = step_span_id(self.id, f"span:{scope.prefix}{scope.n}:{name}")
+        span = OpenSpan(name, span_id, current_span.get(), attributes)
+        span.start = workflow.now().timestamp()
+        return span
+
+    def close_span(self, span: OpenSpan, failure: BaseException | None) -> None:
+        """Keep the span in the run's state (the trace reads it); export it once, when it
+        closes live rather than in a replay of the history."""
+        if span.span_id in self.spans or isinstance(failure, GeneratorExit):
+            return  # closed in an earlier history and replayed, or evicted from the cache
+        cancelled = isinstance(failure, asyncio.CancelledError)
+        attributes = {**span.attributes, "corral.run.id": self.id,
+                      **({"error.type": type(failure).__name__} if failure else {})}
+        row = [span.span_id, span.parent.span_id if span.parent else run_span_id(self.id),
+               span.name, span.start, workflow.now().timestamp(),
+               "error" if failure is not None else "ok",
+               "cancelled" if cancelled else str(failure or ""), attributes]
+        self.spans[span.span_id] = row
+        if not workflow.unsafe.is_replaying():
+            _export(self.trace_id, [_span_of(self.trace_id, row)])
+
+    def _waiting(self, name: str, change: int) -> None:
+        """Count a wait for signal ``name``; the run's CorralWaitingOn lists the names."""
+        if name.startswith("$"):
+            return
+        self.waits[name] = self.waits.get(name, 0) + change
+        if not self.waits[name]:
+            del self.waits[name]
+        if workflow.patched(WAITING_PATCH):
+            workflow.upsert_search_attributes([
+                WAITING_ON.value_set(sorted(self.waits)) if self.waits
+                else WAITING_ON.value_unset()])
 
     async def step(self, step: Step[Any, Any], scope: _Scope, args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> Any:
@@ -182,10 +253,13 @@ class _TemporalRun:
                 return step.decode(entry.value)
             error = json.loads(entry.value)
             raise failed_step(step.name, error["type"], error["message"], entry.attempts)
+        parent = current_span.get()
         try:
             call = {"step": step.name, "origin": step.origin, "workflow": self.wf.name,
                     "ref": self.wf.ref, "key": f"{self.id}/{key}",
-                    "args": to_jsonable_python(args), "kwargs": to_jsonable_python(kwargs)}
+                    "args": to_jsonable_python(args), "kwargs": to_jsonable_python(kwargs),
+                    "tenant": self.tenant, "trace_id": self.trace_id,
+                    "parent": parent.span_id if parent is not None else None}
         except PydanticSerializationError as exc:
             raise UsageError(
                 f"step {step.name!r}: on the Temporal engine a step's arguments travel to the "
@@ -195,6 +269,7 @@ class _TemporalRun:
         await self._admit()
         policy = step.retry
         timeout = step.timeout
+        scheduled = workflow.now().timestamp()
         self.inflight += 1
         try:
             handle = _unscoped_call(
@@ -217,26 +292,31 @@ class _TemporalRun:
                 # is a non-determinism error, as on the embedded engine
                 activity_id=f"{key} {step.name}", summary=step.name,
             )
-            attempts, text = await handle
+            outcome = await handle  # (attempt, result, span); before 0.x: (attempt, result)
         except tex.ActivityError as exc:
             cause = exc.cause
             if isinstance(cause, tex.CancelledError):
                 self.cancel_requested = True
                 raise asyncio.CancelledError() from None
+            described = None
             if isinstance(cause, tex.ApplicationError):
-                error_type = cause.type or "Error"
-                message, attempts = cause.message, (cause.details or (1,))[0]
+                error_type, message = cause.type or "Error", cause.message
+                attempts, *more = cause.details or (1,)
+                described = more[0] if more else None
             else:  # a Temporal timeout: the worker running it died, or the backstop fired
                 error_type, message, attempts = "TimeoutError", str(cause or exc), 1
             self._record(key, "step", step.name, "error",
-                         json.dumps({"type": error_type, "message": message}), attempts)
+                         json.dumps({"type": error_type, "message": message}), attempts,
+                         scheduled, _described(described, parent))
             raise failed_step(step.name, error_type, message, attempts) from None
         except asyncio.CancelledError:
             self.cancel_requested = True
             raise
         finally:
             self.inflight -= 1
-        self._record(key, "step", step.name, "ok", text, attempts)
+        attempts, text = outcome[0], outcome[1]
+        self._record(key, "step", step.name, "ok", text, attempts, scheduled,
+                     _described(outcome[2] if len(outcome) > 2 else None, parent))
         return step.decode(text)
 
     def now(self, scope: _Scope) -> datetime:
@@ -290,7 +370,12 @@ class _TemporalRun:
         remaining = None if deadline is None else deadline - workflow.now().timestamp()
         try:
             if not inbox and (remaining is None or remaining > 0):
-                await _unscoped(workflow.wait_condition(lambda: bool(inbox), timeout=remaining))
+                self._waiting(signal, 1)
+                try:
+                    await _unscoped(workflow.wait_condition(lambda: bool(inbox),
+                                                            timeout=remaining))
+                finally:
+                    self._waiting(signal, -1)
         except TimeoutError:
             pass
         except asyncio.CancelledError:
@@ -308,14 +393,16 @@ class _TemporalRun:
             return child_value(wf, json.loads(entry.value))
         await self._admit()
         child_id = child_id or f"{self.id}/{key}"
-        args = _args(wf, value, self.options)
+        args = _args(wf, value, self.options, self.tenant, self.trace_id,
+                     workflow.now().timestamp())
         self.inflight += 1
         try:
             try:
                 text = await _unscoped(workflow.execute_child_workflow(
                     WORKFLOW, args, id=child_id,
                     task_queue=queue or workflow.info().task_queue,
-                    memo=_memo(wf, args), priority=_priority(priority),
+                    memo=_memo(wf, args), search_attributes=_attributes(wf, self.tenant),
+                    priority=_priority(priority),
                     id_reuse_policy=temporalio.common.WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 ))
                 outcome = {"id": child_id, "status": "completed", "result": json.loads(text),
@@ -338,8 +425,8 @@ class _TemporalRun:
         self._record(key, "child", wf.name, "ok", json.dumps(outcome))
         return child_value(wf, outcome)
 
-    def entries(self) -> list[tuple[str, str, str, str, str, int, float]]:
-        return [(k, e.kind, e.name, e.status, e.value, e.attempts, e.at)
+    def entries(self) -> list[tuple[Any, ...]]:
+        return [(k, e.kind, e.name, e.status, e.value, e.attempts, e.at, e.started, e.span)
                 for k, e in self.journal.items()]
 
     def carry(self) -> dict[str, Any]:
@@ -347,6 +434,7 @@ class _TemporalRun:
         return {
             **self.args,
             "journal": self.entries(),
+            "spans": list(self.spans.values()),
             "signals": [(name, v) for name, queue in self.inbox.items() for v in queue],
         }
 
@@ -411,8 +499,12 @@ class CorralRun:
             self.run.inbox.setdefault(name, deque()).append(value)
 
     @workflow.query(name="corral.journal")
-    def journal(self) -> list[tuple[str, str, str, str, str, int, float]]:
+    def journal(self) -> list[tuple[Any, ...]]:
         return self.run.entries() if self.run is not None else []
+
+    @workflow.query(name="corral.spans")
+    def spans(self) -> list[list[Any]]:
+        return list(self.run.spans.values()) if self.run is not None else []
 
     @workflow.run
     async def execute(self, args: dict[str, Any]) -> str:
@@ -422,6 +514,7 @@ class CorralRun:
             # not the run's failure but this worker's: fail the task, so that Temporal retries
             # it (on a worker that has the code); the worker logs why
             raise RuntimeError(f"this worker cannot run {args['workflow']!r}: {exc}") from None
+        args.setdefault("started", workflow.now().timestamp())  # (kept as it continues as new)
         run = self.run = _TemporalRun(wf, args)
         for name, value in self.early:
             run.inbox.setdefault(name, deque()).append(value)
@@ -440,9 +533,16 @@ class CorralRun:
         if not task.done() and not run.cancel_requested:
             workflow.continue_as_new(run.carry())
         try:
-            return await task
+            text: str = await task
+        except asyncio.CancelledError:
+            _ended_span(run, "cancelled", None)
+            raise
         except Exception as exc:
-            raise _application_error(run.broken or exc) from None
+            failure = run.broken or exc
+            _ended_span(run, "failed", {"type": type(failure).__name__, "message": str(failure)})
+            raise _application_error(failure) from None
+        _ended_span(run, "completed", None)
+        return text
 
     @staticmethod
     async def _body(run: _TemporalRun, wf: Workflow[Any, Any], args: dict[str, Any]) -> str:
@@ -453,6 +553,40 @@ class CorralRun:
         if run.broken is not None:
             raise run.broken
         return wf.dump_output(output)
+
+
+def _ended_span(run: _TemporalRun, status: str, error: dict[str, str] | None) -> None:
+    """Export the run's ``invoke_workflow`` span as it ends (live, not in a replay)."""
+    if workflow.unsafe.is_replaying():
+        return
+    args = run.args
+    parent = child_parent(run.id, run.parent_id) if run.parent_id else None
+    started = args["started"]
+    _export(run.trace_id, [run_span(
+        run.id, run.trace_id, run.wf.name, parent, run.tenant, args.get("created", started),
+        started, workflow.now().timestamp(), status, json.dumps(error) if error else None)])
+
+
+def _export(trace_id: str, spans: list[Span]) -> None:
+    tracing = installed_tracing()
+    if tracing.exporter is not None and tracing.sampled(trace_id):
+        tracing.export(spans)
+
+
+def _span_of(trace_id: str, row: Sequence[Any]) -> Span:
+    """A span of workflow code, from the row `_TemporalRun.close_span` keeps."""
+    span_id, parent, name, start, end, status, message, attributes = row
+    return Span(trace_id=trace_id, span_id=span_id, parent_id=parent, name=name, start=start,
+                end=end, status=status, message=message, attributes=attributes)
+
+
+def _described(described: Sequence[Any] | None, parent: OpenSpan | None) -> list[Any] | None:
+    """What a step's journal record keeps of its span: the name and attributes its body gave
+    it, and the span of workflow code it ran under."""
+    name, attributes = described if described else (None, {})
+    if name is None and not attributes and parent is None:
+        return None
+    return [name, attributes, parent.span_id if parent is not None else None]
 
 
 def _application_error(exc: BaseException) -> tex.ApplicationError:
@@ -482,9 +616,9 @@ def _scope_tasks(loop: asyncio.AbstractEventLoop) -> None:
 
 
 @activity.defn(name=STEP)
-async def run_step(call: dict[str, Any]) -> tuple[int, str]:
+async def run_step(call: dict[str, Any]) -> tuple[int, str, list[Any] | None]:
     """Run one attempt of a step (Temporal retries it under the step's policy); return the
-    attempt's number and the result as JSON."""
+    attempt's number, the result as JSON and what the step's body described of its span."""
     info = activity.info()
     try:
         resolve(call["workflow"], call["ref"])  # loads the module that defines the steps
@@ -511,39 +645,46 @@ async def run_step(call: dict[str, Any]) -> tuple[int, str]:
     last = info.attempt >= step.retry.max_attempts
     beat = asyncio.create_task(_heartbeat(info.heartbeat_timeout))
     run_id = info.workflow_id or ""
-    spans = _StepSpans()
+    spans = _StepSpans(call.get("tenant"), call.get("trace_id") or trace_id_for(run_id),
+                       call.get("parent") or run_span_id(run_id))
     current_step.set((run_id, call["workflow"], call["key"], spans))  # (its own context)
     started, failed = time.time(), True
     try:
         value = await step.once(args, kwargs, call["key"])
         failed = False
-        return info.attempt, dumps(value).decode()
+        return info.attempt, dumps(value).decode(), spans.described()
     except PydanticSerializationError as exc:
         raise tex.ApplicationError(
             f"returned a value corral cannot store as JSON ({exc}); return JSON-compatible "
-            "data, a dataclass or a pydantic model", info.attempt, type="SerializationError",
-            non_retryable=True,
+            "data, a dataclass or a pydantic model", info.attempt, spans.described(),
+            type="SerializationError", non_retryable=True,
         ) from None
     except Exception as exc:
         failure = step_failed(step.name, exc, info.attempt, step.timeout)
         raise tex.ApplicationError(
-            failure.fields["error"], info.attempt, type=failure.fields["error_type"],
+            failure.fields["error"], info.attempt, spans.described(),
+            type=failure.fields["error_type"],
             non_retryable=last or not step.retry.retryable(exc),
         ) from None
     finally:
         beat.cancel()
+        STEPS.observe(step.name, "error" if failed else "ok", time.time() - started)
         spans.export(run_id, call["key"], step.name, started, failed, info.attempt)
 
 
 class _StepSpans:
     """A step's span on Temporal: each attempt is exported as it ends (activities are never
-    replayed; there is no local store to keep spans in)."""
+    replayed), and what the body described goes back to the run's journal with the result."""
 
-    tenant: str | None = None
-
-    def __init__(self) -> None:
+    def __init__(self, tenant: str | None, trace_id: str, parent: str) -> None:
+        self.tenant = tenant
+        self.trace_id = trace_id
+        self.parent = parent
         self.name: str | None = None
         self.attributes: dict[str, Any] = {}
+
+    def described(self) -> list[Any] | None:
+        return [self.name, self.attributes] if self.name or self.attributes else None
 
     def describe(self, key: str, name: str | None, attributes: Mapping[str, Any]) -> None:
         self.name = name or self.name
@@ -551,15 +692,11 @@ class _StepSpans:
 
     def export(self, run_id: str, key: str, step: str, started: float, failed: bool,
                attempt: int) -> None:
-        tracing = installed_tracing()
-        if tracing.exporter is None or not tracing.sampled(trace_id_for(run_id)):
-            return
-        span = step_span(run_id, trace_id_for(run_id), f"{key}#{attempt}",
-                         self.name or f"step {step}", started, time.time(),
-                         run_span_id(run_id), "error" if failed else "ok", "",
-                         {"corral.step": step, "corral.run.id": run_id,
-                          "corral.attempts": attempt, **self.attributes})
-        tracing.export([span])
+        _export(self.trace_id, [step_span(
+            run_id, self.trace_id, f"{key}#{attempt}", self.name or f"step {step}", started,
+            time.time(), self.parent, "error" if failed else "ok", "",
+            {"corral.step": step, "corral.run.id": run_id, "corral.attempts": attempt,
+             **self.attributes})])
 
 
 async def _heartbeat(timeout: timedelta | None) -> None:
@@ -572,14 +709,23 @@ async def _heartbeat(timeout: timedelta | None) -> None:
 # -- the client and the worker ----------------------------------------------------------------
 
 
-def _args(wf: Workflow[Any, Any], value: Any, options: dict[str, Any]) -> dict[str, Any]:
+def _args(wf: Workflow[Any, Any], value: Any, options: dict[str, Any], tenant: str | None,
+          trace_id: str | None, created: float) -> dict[str, Any]:
     return {"workflow": wf.name, "ref": wf.ref, "input": dumps(value).decode(),
-            "options": options}
+            "options": options, "tenant": tenant, "trace_id": trace_id, "created": created}
 
 
 def _memo(wf: Workflow[Any, Any], args: dict[str, Any]) -> dict[str, Any]:
     return {"workflow": wf.name, "ref": wf.ref,
-            "input_hash": blake2b(args["input"].encode(), digest_size=16).hexdigest()}
+            "input_hash": blake2b(args["input"].encode(), digest_size=16).hexdigest(),
+            "tenant": args["tenant"], "trace_id": args["trace_id"], "created": args["created"]}
+
+
+def _attributes(wf: Workflow[Any, Any],
+                tenant: str | None) -> temporalio.common.TypedSearchAttributes:
+    return temporalio.common.TypedSearchAttributes([
+        temporalio.common.SearchAttributePair(TENANT, tenant or "default"),
+        temporalio.common.SearchAttributePair(WORKFLOW_NAME, wf.name)])
 
 
 def _priority(priority: int | None) -> temporalio.common.Priority:
@@ -603,10 +749,13 @@ _STATUS = {
 class TemporalRunHandle(Generic[O]):
     """A run on Temporal: wait for its result, signal it, cancel it, look at it."""
 
-    def __init__(self, rt: TemporalRuntime, run_id: str, output_type: Any = Any) -> None:
+    def __init__(self, rt: TemporalRuntime, run_id: str, output_type: Any = Any,
+                 created: bool = False) -> None:
         self._rt = rt
         self.id = run_id
         self._output_type = output_type
+        self.created = created
+        """This start submitted the run (False: the id named a run submitted before)."""
 
     def __repr__(self) -> str:
         return f"TemporalRunHandle({self.id!r})"
@@ -696,6 +845,7 @@ class TemporalRuntime:
                 f"cannot connect to Temporal at {self.address} ({exc}); check the engine URL "
                 "(temporal://host:port) and that the server is up", address=self.address,
             ) from None
+        await self._register_attributes()
         if self.worker:
             self._worker = Worker(
                 self.client, task_queue=self.task_queue, workflows=[CorralRun],
@@ -709,6 +859,32 @@ class TemporalRuntime:
             )
             self._worker_task = asyncio.create_task(self._worker.run(),
                                                     context=contextvars.Context())
+
+    async def _register_attributes(self) -> None:
+        """corral's search attributes, in the namespace once (an operator may have to)."""
+        client = self._client()
+        try:
+            have = await client.operator_service.list_search_attributes(
+                ListSearchAttributesRequest(namespace=self.namespace))
+            missing = {name: kind for name, kind in SEARCH_ATTRIBUTES.items()
+                       if name not in have.custom_attributes}
+            if missing:
+                await client.operator_service.add_search_attributes(AddSearchAttributesRequest(
+                    namespace=self.namespace, search_attributes=missing))
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.ALREADY_EXISTS:  # another process, just now
+                return
+            await self.close()
+            types = {IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD: "Keyword",
+                     IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD_LIST: "KeywordList"}
+            commands = "; ".join(
+                f"temporal operator search-attribute create --namespace {self.namespace} "
+                f"--name {name} --type {types[kind]}" for name, kind in SEARCH_ATTRIBUTES.items())
+            raise StoreError(
+                f"corral lists runs by its search attributes, and Temporal at {self.address} "
+                f"did not let it register them ({exc.message}); an operator can: {commands}",
+                address=self.address,
+            ) from None
 
     async def close(self) -> None:
         """Stop the worker (runs carry on in Temporal, on other workers or after a restart)."""
@@ -751,6 +927,8 @@ class TemporalRuntime:
         delay: float | timedelta | None = None,
         concurrency_key: str | None = None,
         concurrency_limit: int | None = None,
+        tenant: str | None = None,
+        trace_id: str | None = None,
     ) -> TemporalRunHandle[O]:
         """Submit a run; the same ``id`` again returns the first run (see `Runtime.start`)."""
         if not isinstance(workflow, Workflow):
@@ -760,18 +938,20 @@ class TemporalRuntime:
                 "concurrency keys are not supported on the Temporal engine yet; cap concurrency "
                 "with a task queue (queue=) served by workers with max_runs set"
             )
+        check_trace_id(trace_id)
         value = workflow.validate_input(input)
         wait = start_time(run_at, delay) - time.time()
         start_delay = timedelta(seconds=wait) if wait > 0 else None
         from ._engine import new_run_id
 
         run_id = id or new_run_id()
-        args = _args(workflow, value, self.options)
+        args = _args(workflow, value, self.options, tenant, trace_id, time.time())
         memo = _memo(workflow, args)
         try:
             await self._client().start_workflow(
                 WORKFLOW, args, id=run_id, task_queue=queue or self.task_queue, memo=memo,
-                start_delay=start_delay, priority=_priority(priority),
+                search_attributes=_attributes(workflow, tenant), start_delay=start_delay,
+                priority=_priority(priority),
                 id_reuse_policy=temporalio.common.WorkflowIDReusePolicy.REJECT_DUPLICATE,
             )
         except tex.WorkflowAlreadyStartedError:
@@ -786,7 +966,8 @@ class TemporalRuntime:
                     + "; use a new id, or the same workflow and input to get the first run",
                     run_id=run_id,
                 ) from None
-        return TemporalRunHandle(self, run_id, workflow.output_type)
+            return TemporalRunHandle(self, run_id, workflow.output_type)
+        return TemporalRunHandle(self, run_id, workflow.output_type, created=True)
 
     async def run(self, workflow: Workflow[Any, O], input: Any = None, **options: Any) -> O:
         handle = await self.start(workflow, input, **options)
@@ -819,60 +1000,161 @@ class TemporalRuntime:
             desc = await self._workflow(run_id).describe()
         except RPCError as exc:
             raise self._not_found(run_id, exc) from None
-        record = self._record(desc, await desc.memo())
-        if record.finished:
-            record.status, record.result, failure = await self._outcome(run_id)
-            record.error = json.dumps(failure) if failure else None
+        return await self._filled(self._record(desc, await desc.memo()))
+
+    async def _filled(self, record: RunRecord) -> RunRecord:
+        """The record with its input (from its history's first event) and, once it has
+        ended, its result or error."""
+        async def outcome() -> None:
+            if record.finished:
+                record.status, record.result, failure = await self._outcome(record.id)
+                record.error = json.dumps(failure) if failure else None
+
+        async def given() -> None:
+            async for event in self._workflow(record.id).fetch_history_events(page_size=1):
+                payloads = event.workflow_execution_started_event_attributes.input.payloads
+                (args,) = await self._client().data_converter.decode(payloads, [dict])
+                record.input = args["input"]
+                break
+
+        await asyncio.gather(outcome(), given())
         return record
 
     async def list_runs(self, *, status: str | None = None, workflow: str | None = None,
-                        limit: int = 50) -> list[RunRecord]:
-        """Runs of this runtime's task queue, newest first (Temporal's visibility store)."""
-        query = (f"WorkflowType = '{WORKFLOW}' AND TaskQueue = '{self.task_queue}' "
-                 "AND ExecutionStatus != 'ContinuedAsNew'")  # (one row per run, its latest)
-        found: list[RunRecord] = []
-        async for execution in self._client().list_workflows(query):
-            record = self._record(execution, await execution.memo())
-            if (status is None or record.status == status) and (
-                    workflow is None or record.workflow == workflow):
-                found.append(record)
-                if len(found) >= limit:
-                    break
-        outcomes = await asyncio.gather(*(self._outcome(r.id) for r in found if r.finished))
-        for record, (_, result, failure) in zip(
-                [r for r in found if r.finished], outcomes, strict=True):
-            record.result, record.error = result, json.dumps(failure) if failure else None
-        return found
+                        limit: int = 50, tenant: str | None = None,
+                        all_queues: bool = False) -> list[RunRecord]:
+        """Runs of this runtime's task queue (or of every queue), as Temporal's visibility
+        lists them: those running first, then by when they ended, newest first."""
+        runs, _ = await self.page(status=status, workflow=workflow, limit=limit, tenant=tenant,
+                                  all_queues=all_queues)
+        return runs
+
+    async def page(self, *, status: str | None = None, workflow: str | None = None,
+                   limit: int = 50, tenant: str | None = None, all_queues: bool = False,
+                   token: bytes | None = None) -> tuple[list[RunRecord], bytes | None]:
+        """A page of runs and the token of the next page (None: the last page)."""
+        clauses = [f"WorkflowType = '{WORKFLOW}'",
+                   "ExecutionStatus != 'ContinuedAsNew'"]  # (one row per run, its latest)
+        if not all_queues:
+            clauses.append(f"TaskQueue = {_literal(self.task_queue)}")
+        if workflow is not None:
+            clauses.append(f"{WORKFLOW_NAME.name} = {_literal(workflow)}")
+        if tenant is not None:
+            clauses.append(f"{TENANT.name} = {_literal(tenant)}")
+        if status is not None:
+            if status not in _QUERIES:
+                raise UsageError(f"status must be one of {', '.join(_QUERIES)}, not {status!r}")
+            clauses.append(_QUERIES[status])
+        listing = self._client().list_workflows(" AND ".join(clauses), page_size=limit,
+                                                next_page_token=token)
+        try:
+            await listing.fetch_next_page()
+        except RPCError as exc:
+            raise StoreError(f"Temporal at {self.address} failed to list runs: {exc}; retry "
+                             "when it is up") from None
+        found = [self._record(e, await e.memo()) for e in listing.current_page or ()]
+        if status == "running":  # (not yet taken by a worker: queued)
+            found = [r for r in found if r.status == "running"]
+        elif status == "queued":
+            found = [r for r in found if r.status == "queued"]
+        return list(await asyncio.gather(*map(self._filled, found))), listing.next_page_token
 
     def _record(self, desc: Any, memo: Mapping[str, Any]) -> RunRecord:
         status = _STATUS.get(desc.status, "running") if desc.status else "running"
-        if status == "running" and desc.history_length <= 2:  # no worker has taken it yet
-            status = "queued"
+        waiting_on: tuple[str, ...] = ()
+        if status == "running":
+            waiting_on = tuple(desc.typed_search_attributes.get(WAITING_ON) or ())
+            if waiting_on:
+                status = "waiting"
+            elif desc.history_length <= 2:  # no worker has taken it yet
+                status = "queued"
+        started = desc.start_time.timestamp()
         return RunRecord(
             id=desc.id, workflow=memo.get("workflow", "?"), ref=memo.get("ref", "?"),
             input="null", input_hash=memo.get("input_hash", ""), status=status,
             queue=desc.task_queue, priority=0, run_at=None, concurrency_key=None,
             concurrency_limit=None, parent_id=desc.parent_id, owner=None,
             cancel_requested=status == "cancelled", result=None, error=None,
-            created_at=desc.start_time.timestamp(), started_at=desc.start_time.timestamp(),
+            created_at=memo.get("created") or started, started_at=started,
             ended_at=desc.close_time.timestamp() if desc.close_time else None, attempts=1,
+            tenant=memo.get("tenant"), trace_id=memo.get("trace_id"), waiting_on=waiting_on,
         )
+
+    async def count_runs(self) -> tuple[dict[str, int], dict[str, tuple[int, float]]]:
+        """Runs by status (from visibility), and this task queue's backlog: tasks no worker
+        has taken yet, and the oldest one's age, for an autoscaler."""
+        client = self._client()
+        every = f"WorkflowType = '{WORKFLOW}' AND ExecutionStatus != 'ContinuedAsNew'"
+        try:
+            counted, waiting = await asyncio.gather(
+                client.count_workflows(f"{every} GROUP BY ExecutionStatus"),
+                client.count_workflows(f"{every} AND {_QUERIES['waiting']}"))
+            backlogs = await asyncio.gather(*(
+                client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
+                    namespace=self.namespace, task_queue=TaskQueue(name=self.task_queue),
+                    task_queue_type=kind, report_stats=True))
+                for kind in (TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+                             TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY)))
+        except RPCError as exc:
+            raise StoreError(f"Temporal at {self.address} failed to count runs: {exc}; retry "
+                             "when it is up") from None
+        runs: dict[str, int] = {}
+        for group in counted.groups:  # (visibility's names: Running, Canceled, TimedOut...)
+            status = {"Running": "running", "Completed": "completed",
+                      "Canceled": "cancelled"}.get(str(group.group_values[0]), "failed")
+            runs[status] = runs.get(status, 0) + group.count
+        if waiting.count:
+            runs["waiting"] = waiting.count
+            runs["running"] = runs.get("running", 0) - waiting.count
+        depth = sum(b.stats.approximate_backlog_count for b in backlogs)
+        age = max(b.stats.approximate_backlog_age.ToTimedelta().total_seconds()
+                  for b in backlogs)
+        return runs, {self.task_queue: (depth, age if depth else 0.0)}
+
+    def awaiting(self) -> dict[str, tuple[str, ...]]:
+        """(On Temporal a waiting run is listed as waiting: none is only in memory.)"""
+        return {}
 
     async def journal(self, run_id: str) -> list[JournalEntry]:
         """What the run has done so far (asked of the run itself, through a worker)."""
+        return [_entry(row) for row in await self._query(run_id, "corral.journal")]
+
+    async def _query(self, run_id: str, name: str) -> Any:
         try:
-            rows = await self._workflow(run_id).query("corral.journal")
+            return await self._workflow(run_id).query(name)
         except RPCError as exc:
             if exc.status == RPCStatusCode.FAILED_PRECONDITION:
                 raise StoreError(
-                    f"no worker serves task queue {self.task_queue!r}, and on Temporal a run's "
-                    "journal is read through one; start `corral worker`", run_id=run_id,
+                    "no worker serves the run's task queue, and on Temporal a run's journal is "
+                    "read through one; start `corral worker`", run_id=run_id,
                 ) from None
             raise self._not_found(run_id, exc) from None
-        return [JournalEntry(key=k, kind=kind, name=name, status=status, value=value,
-                             started_at=at, ended_at=None if status == "pending" else at,
-                             attempts=attempts)
-                for k, kind, name, status, value, attempts, at in rows]
+
+    async def trace(self, run_id: str
+                    ) -> tuple[list[RunRecord], dict[str, list[JournalEntry]], list[Span]]:
+        """The run and its children, their journals and the spans their steps and agents
+        described: what `observability._traces.assemble` makes a tree of."""
+        runs: list[RunRecord] = []
+        journals: dict[str, list[JournalEntry]] = {}
+        spans: list[Span] = []
+        todo = [run_id]
+        while todo:
+            run = await self.get(todo.pop(0))
+            rows, workflow_spans = await asyncio.gather(self._query(run.id, "corral.journal"),
+                                                        self._query(run.id, "corral.spans"))
+            runs.append(run)
+            trace_id = run.trace_id or trace_id_for(run.id)
+            journals[run.id] = [_entry(row) for row in rows]
+            spans += [_span_of(trace_id, row) for row in workflow_spans]
+            for row, entry in zip(rows, journals[run.id], strict=True):
+                if entry.kind == "step" and len(row) > 8 and row[8]:
+                    spans.append(_step_record_span(run.id, trace_id, entry, row[8]))
+                if entry.kind == "child":
+                    child = json.loads(entry.value or "{}")
+                    child_id = child.get("id") or (child.get("value") or {}).get("id")
+                    if child_id:
+                        todo.append(child_id)
+        return runs, journals, spans
 
     async def signal(self, run_id: str, name: str, value: Any = None) -> None:
         if name.startswith("$"):
@@ -881,7 +1163,7 @@ class TemporalRuntime:
             await self._workflow(run_id).signal(name, to_jsonable_python(value))
         except RPCError as exc:
             raise await self._closed(run_id, exc, "signals") from None
-        await note_override(run_id, f"signal:{name}", value)
+        await note_override(run_id, f"signal:{name}", value, run=lambda: self.get(run_id))
 
     async def cancel(self, run_id: str) -> None:
         record = await self.get(run_id)
@@ -892,7 +1174,7 @@ class TemporalRuntime:
             await self._workflow(run_id).cancel()
         except RPCError as exc:
             raise await self._closed(run_id, exc, "cancel requests") from None
-        await note_override(run_id, "cancel")
+        await note_override(run_id, "cancel", run=lambda: self.get(run_id))
 
     async def _closed(self, run_id: str, exc: RPCError, what: str) -> Exception:
         """Temporal says NOT_FOUND for a run that has finished too: tell the two apart."""
@@ -903,3 +1185,40 @@ class TemporalRuntime:
                                    f"no more {what}", run_id=run_id, status=record.status)
         return self._not_found(run_id, exc)
 
+
+
+_QUERIES = {
+    "queued": "ExecutionStatus = 'Running'",  # (then those no worker has taken)
+    "running": f"ExecutionStatus = 'Running' AND {WAITING_ON.name} IS NULL",
+    "waiting": f"ExecutionStatus = 'Running' AND {WAITING_ON.name} IS NOT NULL",
+    "completed": "ExecutionStatus = 'Completed'",
+    "failed": "ExecutionStatus IN ('Failed', 'Terminated', 'TimedOut')",
+    "cancelled": "ExecutionStatus = 'Canceled'",
+}
+
+
+def _literal(text: str) -> str:
+    """A string in a visibility query."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _entry(row: Sequence[Any]) -> JournalEntry:
+    """A journal entry from the run's query (workers before 0.x answer without start times)."""
+    key, kind, name, status, value, attempts, at = row[:7]
+    return JournalEntry(key=key, kind=kind, name=name, status=status, value=value,
+                        started_at=row[7] if len(row) > 7 else at,
+                        ended_at=None if status == "pending" else at, attempts=attempts)
+
+
+def _step_record_span(run_id: str, trace_id: str, entry: JournalEntry,
+                      described: Sequence[Any]) -> Span:
+    """A step's span from its journal record: the name and attributes its body gave it,
+    under the span of workflow code it ran in."""
+    name, attributes, parent = described
+    failed = entry.status == "error"
+    return step_span(run_id, trace_id, entry.key, name or f"step {entry.name}",
+                     entry.started_at, entry.ended_at or entry.started_at,
+                     parent or run_span_id(run_id), "error" if failed else "ok",
+                     str(json.loads(entry.value or "{}").get("message", "")) if failed else "",
+                     {"corral.step": entry.name, "corral.run.id": run_id,
+                      "corral.attempts": entry.attempts, **attributes})

@@ -13,7 +13,6 @@ Errors are ``{"error": {"message", "type", "code"}}`` with the HTTP status.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import json
@@ -35,12 +34,12 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .._errors import CorralError, RunConflict, RunFinished, RunNotFound, UsageError
-from ..observability._runs import run_metrics
 from ..observability._traces import assemble, summarize
 from ..observability._tracing import parse_traceparent
-from ..runtime import Runtime, Workflow
-from ..stores import RunRecord, SQLiteStore
+from ..runtime import Workflow
+from ..stores import RunRecord
 from ._openapi import spec
+from ._reads import EmbeddedReads, TemporalReads, reads_for
 
 log = logging.getLogger("corral.server")
 
@@ -106,9 +105,9 @@ class Principal:
         return self.tenant is None or (run.tenant or "default") == self.tenant
 
 
-def create_app(rt: Runtime, settings: Settings) -> Starlette:
-    # reads go through a connection of their own: a GET does not queue behind a commit
-    store = rt.store.reader() if isinstance(rt.store, SQLiteStore) else rt.store
+def create_app(rt: Any, settings: Settings) -> Starlette:
+    """The app over ``rt``: a `corral.Runtime` (embedded) or a `TemporalRuntime`."""
+    reads: EmbeddedReads | TemporalReads = reads_for(rt)
     audit_cache: dict[str, Any] = {}
 
     async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -165,7 +164,7 @@ def create_app(rt: Runtime, settings: Settings) -> Starlette:
 
     async def visible(principal: Principal, run_id: str) -> RunRecord:
         try:
-            run: RunRecord = await call(store.get_run, run_id)
+            run: RunRecord = await reads.get_run(run_id)
         except RunNotFound:
             run = None  # type: ignore[assignment]
         if run is None or not principal.sees(run):
@@ -217,7 +216,7 @@ def create_app(rt: Runtime, settings: Settings) -> Starlette:
         handle = await rt.start(settings.workflows[workflow_name], value, id=run_id,
                                 tenant=tenant, trace_id=parent[0] if parent else None,
                                 **options)
-        run = await call(store.get_run, handle.id)
+        run = await reads.get_run(handle.id)
         if (run.tenant or "default") != tenant:  # (an idempotency key cannot reach across)
             raise ApiError(409, "this Idempotency-Key was used for another run", "conflict")
         return JSONResponse(run.as_dict(), status_code=201 if handle.created else 200,
@@ -268,30 +267,19 @@ def create_app(rt: Runtime, settings: Settings) -> Starlette:
                            "invalid_request")
         limit = _int(q.get("limit"), 50, 1, 500, "limit")
         tenant = principal.tenant if principal.tenant is not None else q.get("tenant") or None
-        cursor = q.get("cursor")
-        before = _cursor(cursor) if cursor else None
-        runs: list[RunRecord] = await call(store.list_runs, status=status,
-                                           workflow=q.get("workflow") or None, limit=limit + 1,
-                                           tenant=tenant, before=before)
-        if principal.tenant == "default":  # runs from the CLI have no tenant: "default"'s
-            more = await call(store.list_runs, status=status,
-                              workflow=q.get("workflow") or None, limit=limit + 1,
-                              tenant=None, before=before)
-            runs = sorted([*runs, *(r for r in more if r.tenant is None)],
-                          key=lambda r: (r.created_at, r.id), reverse=True)
-        elif principal.tenant is not None:
-            runs = [r for r in runs if principal.sees(r)]
-        runs, more_left = runs[:limit], len(runs) > limit  # (one more: is there a next page?)
-        next_cursor = _encode_cursor(runs[-1]) if more_left else None
-        return JSONResponse({"runs": [shown(r) for r in runs], "next_cursor": next_cursor})
+        runs, next_cursor = await reads.list_runs(
+            status=status, workflow=q.get("workflow") or None, limit=limit, tenant=tenant,
+            cursor=q.get("cursor") or None)
+        return JSONResponse({"runs": [r.as_dict() for r in runs if principal.sees(r)],
+                             "next_cursor": next_cursor})
 
     async def get_run(request: Request, principal: Principal) -> Response:
         run = await visible(principal, request.path_params["run_id"])
-        return JSONResponse(shown(run))
+        return JSONResponse(run.as_dict())
 
     async def get_trace(request: Request, principal: Principal) -> Response:
         run = await visible(principal, request.path_params["run_id"])
-        runs, journals, stored = await call(store.trace, run.id)
+        runs, journals, stored = await reads.trace(run.id)
         spans = assemble(runs, journals, stored)
         return JSONResponse({"trace_id": spans[0].trace_id if spans else None,
                              "spans": [s.as_dict() for s in spans], **summarize(spans)})
@@ -301,7 +289,7 @@ def create_app(rt: Runtime, settings: Settings) -> Starlette:
         if run.finished:
             raise ApiError(409, f"run {run.id} has already ended ({run.status})", "run_finished")
         await rt.cancel(run.id)
-        return JSONResponse((await call(store.get_run, run.id)).as_dict(), status_code=202)
+        return JSONResponse((await reads.get_run(run.id)).as_dict(), status_code=202)
 
     async def signal_run(request: Request, principal: Principal) -> Response:
         run = await visible(principal, request.path_params["run_id"])
@@ -322,36 +310,18 @@ def create_app(rt: Runtime, settings: Settings) -> Starlette:
 
     async def events(request: Request, principal: Principal) -> Response:
         run = await visible(principal, request.path_params["run_id"])
-        return StreamingResponse(_events(call, store, run, request), media_type="text/event-stream",
+        return StreamingResponse(_events(reads, run, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
 
-    def shown(run: RunRecord) -> dict[str, Any]:
-        """The run as the API shows it: one waiting in memory is waiting, not running."""
-        data = run.as_dict()
-        names = rt.awaiting().get(run.id) if run.status == "running" else None
-        if names:
-            data["status"], data["waiting_on"] = "waiting", list(names)
-        return data
-
     async def approvals(request: Request, principal: Principal) -> Response:
-        runs: list[RunRecord] = await call(store.list_runs, status="waiting", limit=500,
-                                           tenant=principal.tenant)
-        if principal.tenant == "default":
-            runs += [r for r in await call(store.list_runs, status="waiting", limit=500)
-                     if r.tenant is None]
-        for run_id in rt.awaiting():  # waiting in this worker's memory
-            try:
-                runs.append(await call(store.get_run, run_id))
-            except RunNotFound:
-                continue
         seen: set[str] = set()
         pending: list[dict[str, Any]] = []
-        for run in runs:
+        for run in await reads.waiting(principal.tenant):
             if run.id in seen or not principal.sees(run):
                 continue
             seen.add(run.id)
-            data = shown(run)
+            data = run.as_dict()
             pending.extend({"run": data, "signal": name} for name in data["waiting_on"])
         return JSONResponse({"approvals": pending})
 
@@ -403,7 +373,7 @@ def create_app(rt: Runtime, settings: Settings) -> Starlette:
     # -- the rest -----------------------------------------------------------------------------
 
     async def metrics(request: Request, principal: Principal) -> Response:
-        text = await call(run_metrics, getattr(store, "path", ""))
+        text = await reads.metrics()
         if settings.gateway_metrics is not None:
             text += settings.gateway_metrics()
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -438,8 +408,7 @@ def create_app(rt: Runtime, settings: Settings) -> Starlette:
             finally:
                 for close in settings.on_close:
                     await close()
-                if store is not rt.store:
-                    store.close()
+                reads.close()
 
     routes: list[Any] = [
         Route("/", home, methods=["GET"]),
@@ -533,20 +502,7 @@ def _float(text: str | None, default: float, name: str) -> float:
     return value
 
 
-def _encode_cursor(run: RunRecord) -> str:
-    return base64.urlsafe_b64encode(json.dumps([run.created_at, run.id]).encode()).decode()
-
-
-def _cursor(text: str) -> tuple[float, str]:
-    try:
-        created, run_id = json.loads(base64.urlsafe_b64decode(text.encode()))
-        return float(created), str(run_id)
-    except Exception:
-        raise ApiError(400, "cursor is not one this server gave (use next_cursor as is)",
-                       "invalid_cursor") from None
-
-
-async def _events(call: Callable[..., Awaitable[Any]], store: Any, run: RunRecord,
+async def _events(reads: EmbeddedReads | TemporalReads, run: RunRecord,
                   request: Request) -> AsyncIterator[bytes]:
     """The run's status changes and journal entries as they happen, then ``end``."""
     seen_status, seen_steps, quiet = None, 0, 0.0
@@ -554,7 +510,7 @@ async def _events(call: Callable[..., Awaitable[Any]], store: Any, run: RunRecor
         if seen_status != run.status:
             seen_status = run.status
             yield _sse("run", run.as_dict())
-        entries = await call(store.journal, run.id)
+        entries = await reads.journal(run.id)
         for entry in entries[seen_steps:]:
             if entry.status != "pending":
                 yield _sse("step", {"key": entry.key, "kind": entry.kind, "name": entry.name,
@@ -573,7 +529,7 @@ async def _events(call: Callable[..., Awaitable[Any]], store: Any, run: RunRecor
         if quiet >= 15:  # a comment now and then keeps proxies from closing a quiet stream
             quiet = 0.0
             yield b": keep-alive\n\n"
-        run = await call(store.get_run, run.id)
+        run = await reads.get_run(run.id)
 
 
 def _sse(event: str, data: Any) -> bytes:
