@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -117,14 +117,16 @@ async def _worker(args: argparse.Namespace) -> int:
         raise UsageError("on Temporal a worker serves one task queue (--queue) until stopped; "
                          "--drain and several --queue are for the embedded engine")
     async with _runtime(args, config, True, queues) as rt:
-        metrics = None
-        if not config.temporal:
-            from .observability import run_metrics
+        from .observability import _runs
 
-            db = _db(args)
+        db = _db(args)
 
-            def metrics() -> bytes:
-                return run_metrics(db)
+        async def metrics() -> bytes:
+            """The runs and queues (the store's, or Temporal's visibility and this task
+            queue's backlog), and this worker's step and model latencies."""
+            if config.temporal:
+                return _runs.render(*await rt.count_runs())
+            return await asyncio.to_thread(_runs.run_metrics, db)
 
         health = await _serve_health(args.health_port, rt, metrics) if args.health_port \
             else None
@@ -146,9 +148,10 @@ async def _worker(args: argparse.Namespace) -> int:
 
 
 async def _serve_health(port: int, rt: Any,
-                        metrics: Callable[[], bytes] | None = None) -> asyncio.Server:
+                        metrics: Callable[[], Awaitable[bytes]] | None = None
+                        ) -> asyncio.Server:
     """GET /health on 0.0.0.0:port: 200 while the worker works (probes of Kubernetes); GET
-    /metrics: the store's runs and queues for Prometheus (embedded engine)."""
+    /metrics: runs, queues and this process's latencies for Prometheus."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -161,8 +164,11 @@ async def _serve_health(port: int, rt: Any,
                             (b"503 Service Unavailable", b"the worker has stopped\n"))
             content_type = b"text/plain"
             if path == b"/metrics" and metrics is not None:
-                status, body = b"200 OK", await asyncio.to_thread(metrics)
-                content_type = b"text/plain; version=0.0.4"
+                try:
+                    status, body = b"200 OK", await metrics()
+                    content_type = b"text/plain; version=0.0.4"
+                except CorralError as exc:
+                    status, body = b"503 Service Unavailable", f"{exc}\n".encode()
             elif path != b"/health":
                 status, body = b"404 Not Found", b"not found; the probe is GET /health\n"
             writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + content_type + b"\r\n"

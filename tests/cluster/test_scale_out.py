@@ -6,6 +6,7 @@ The services are the real ones on 127.0.0.1; a missing one fails the test with w
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -268,6 +269,8 @@ def test_the_cli_runs_workers_and_runs_on_temporal_with_a_health_probe(
         show = subprocess.run([sys.executable, "-m", "corral", "runs", "show", "cli-7", "--json"],
                               env=env, capture_output=True, text=True, timeout=60)
         assert show.returncode == 0, show.stderr
+        assert json.loads(show.stdout)["trace"]["spans"][0]["name"] == \
+            "invoke_workflow agent_job"
         again = subprocess.run(  # the same id: the first run's result, after it finishes
             [sys.executable, "-m", "corral", "run", f"{HERE / 'workflows.py'}:agent_job",
              "--input", "7", "--id", "cli-7"],
@@ -276,6 +279,15 @@ def test_the_cli_runs_workers_and_runs_on_temporal_with_a_health_probe(
         missing = subprocess.run([sys.executable, "-m", "corral", "runs", "show", "nope"],
                                  env=env, capture_output=True, text=True, timeout=60)
         assert missing.returncode == 2 and "no run 'nope'" in missing.stderr
+        # the worker's /metrics: runs from Temporal's visibility, its own steps' latencies
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families = {f.name: f for f in text_string_to_metric_families(
+            httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)}
+        assert any(s.labels["status"] == "completed" and s.value >= 1
+                   for s in families["corral_runs"].samples)
+        assert any(s.name.endswith("_count") and s.value >= 1
+                   for s in families["corral_step_duration_seconds"].samples)
     finally:
         worker.send_signal(signal.SIGTERM)
         _, err = worker.communicate(timeout=30)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 import corral
 from corral.observability import run_metrics
-from corral.testing import _free_port
+from corral.observability._runs import render
+from corral.runtime._temporal import TemporalRuntime
+from corral.testing import TemporalDevServer, _free_port
 
 
 @corral.workflow
@@ -69,3 +74,40 @@ async def test_a_worker_serves_them_at_metrics(tmp_path: Path) -> None:
     finally:
         worker.terminate()
         worker.communicate(timeout=30)
+
+
+async def test_on_temporal_runs_come_from_visibility_and_the_depth_from_the_backlog(
+        temporal_server: TemporalDevServer) -> None:
+    """What `corral serve --engine temporal://` serves at /metrics: runs by status (every
+    queue's), and its task queue's backlog as the queue's depth and age."""
+    queue = f"metrics-{uuid.uuid4().hex[:8]}"
+
+    def temporal(worker: bool) -> TemporalRuntime:
+        return TemporalRuntime(temporal_server.address, task_queue=queue, worker=worker,
+                               shutdown_grace=0.0)
+
+    async def scraped(rt: TemporalRuntime) -> dict[Any, float]:
+        return samples(render(*await rt.count_runs()).decode())
+
+    depth = ("corral_queue_depth", (("queue", queue),))
+    age = ("corral_queue_oldest_age_seconds", (("queue", queue),))
+    async with temporal(worker=False) as rt:  # no worker takes them: they wait in the queue
+        handles = [await rt.start(job, n) for n in range(3)]
+        found = await until(rt, scraped, lambda m: m[depth] == 3 and m[age] > 0)
+        assert found[("corral_runs", (("status", "running"),))] >= 3  # (not yet taken)
+    async with temporal(worker=True) as rt:
+        assert [await h.result(timeout=30) for h in handles] == [0, 1, 2]
+        found = await until(rt, scraped, lambda m: m[depth] == 0)
+        assert found[age] == 0
+        assert found[("corral_runs", (("status", "completed"),))] >= 3
+
+
+async def until(rt: TemporalRuntime, read: Any, done: Any, timeout: float = 30) -> Any:
+    """Read until ``done`` holds (Temporal's backlog counts are approximate, and lag)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = await read(rt)
+        if done(found):
+            return found
+        assert time.monotonic() < deadline, f"never held; last read: {found}"
+        await asyncio.sleep(0.2)

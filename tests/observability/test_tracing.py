@@ -11,7 +11,9 @@ import inspect
 import io
 import json
 import sqlite3
+import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -38,9 +40,10 @@ from corral.observability._otlp import OTLPExporter
 from corral.observability._spans import Span, run_span_id, trace_id_for
 from corral.observability._traces import assemble, summarize
 from corral.observability._tracing import Tracing, parse_traceparent
+from corral.runtime._temporal import TemporalRuntime
 from corral.stores._migrations import upgrade
 from corral.stores.sqlite import _SCHEMA, SQLiteStore
-from corral.testing import ScriptedModel
+from corral.testing import ScriptedModel, TemporalDevServer
 
 if TYPE_CHECKING:
     from conftest import Receiver  # (the receiver fixture is in this folder's conftest.py)
@@ -212,6 +215,16 @@ def show(db: Path, run_id: str, *options: str) -> str:
     return out.getvalue()
 
 
+async def corral_cli(*args: str) -> str:
+    """The CLI in a process of its own; its output."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "corral", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    return out.decode()
+
+
 # -- a run's trace ----------------------------------------------------------------------------
 
 async def test_a_runs_trace_is_one_tree_of_genai_spans(
@@ -370,6 +383,63 @@ async def test_a_run_resumed_by_another_worker_exports_every_span_once(
     agent = next(s for s in received if s.name == "invoke_agent support")
     assert attributes(agent)["gen_ai.agent.name"] == "support"
     assert agent.status.code == PbStatus.STATUS_CODE_OK
+
+
+async def test_a_temporal_run_resumed_by_another_worker_exports_every_span_once(
+        temporal_server: TemporalDevServer, receiver: Receiver,
+        exporter_to: Callable[[str], OTLPExporter], script: Callable[..., ScriptedModel],
+        gateway: tuple[Gateway, str]) -> None:
+    """On Temporal the run's spans are exported from the workflow as it executes, never as
+    a worker replays its history; they are the spans of its trace, in the caller's trace id,
+    and its model calls are on its tenant's account."""
+    script(*LOOKUP_THEN_ANSWER)
+    exporter = exporter_to(receiver.url)
+    _tracing.install(Tracing(exporter=exporter))
+    trace_id = "cd" * 16
+    queue = f"trace-{uuid.uuid4().hex[:8]}"
+
+    def temporal() -> TemporalRuntime:
+        return TemporalRuntime(temporal_server.address, task_queue=queue, shutdown_grace=0.0)
+
+    try:
+        async with temporal() as rt:
+            handle = await rt.start(flow_with_wait, "where is A-1?", tenant="acme",
+                                    trace_id=trace_id)
+            await until(lambda: _status(rt, handle.id, "waiting"), "the run to wait for 'go'")
+            helped = await rt.start(ask_helper, "where is order A-1?", tenant="acme")
+            assert "shipped yesterday" in await helped.result(timeout=30)
+        assert exporter.flush()
+        assert sorted(s.name for s in receiver.accepted()
+                      if s.trace_id.hex() == trace_id) == [
+            "chat scripted", "chat scripted", "execute_tool lookup", "invoke_agent support",
+            "step prepare"]  # (the wait has not ended)
+
+        async with temporal() as rt:  # a new worker: it replays the run's history
+            await rt.signal(handle.id, "go")
+            assert await rt.handle(handle.id).result(timeout=30) == "order A-1 shipped."
+            trace = assemble(*await rt.trace(handle.id))
+            helper_trace = assemble(*await rt.trace(helped.id))
+        assert exporter.flush()
+    finally:
+        _tracing.install(None)
+
+    received = [s for s in receiver.accepted() if s.trace_id.hex() == trace_id]
+    ids = Counter(span.span_id.hex() for span in received)
+    assert set(ids.values()) == {1}, f"spans received twice: {ids}"
+    assert Counter(span.name for span in received) == {
+        "invoke_workflow flow_with_wait": 1, "step prepare": 1, "invoke_agent support": 1,
+        "chat scripted": 2, "execute_tool lookup": 1, "wait_for go": 1, "step finish": 1}
+    assert sorted(map(wire, received)) == sorted(map(local, trace))
+    root = one(trace, "invoke_workflow flow_with_wait")
+    assert root.attributes["corral.tenant"] == "acme"
+    assert summarize(trace)["cost_usd"] == pytest.approx(4e-5)
+    gw, url = gateway
+    assert gw.ledger is not None
+    await gw.ledger.flush()
+    with sqlite3.connect(url) as conn:
+        charged = conn.execute("SELECT tenant, sum(cost) FROM corral_costs GROUP BY 1").fetchall()
+    assert [tenant for tenant, _ in charged] == ["acme"]  # (not "default")
+    assert summarize(helper_trace)["cost_usd"] == pytest.approx(charged[0][1])
 
 
 async def _status(rt: corral.Runtime, run_id: str, status: str) -> bool:
@@ -575,14 +645,20 @@ async def test_a_failed_step_and_a_failed_tool_call_are_error_spans(
 # -- the CLI ------------------------------------------------------------------------------------
 
 async def test_runs_show_prints_the_trace_tree_with_time_and_cost(
-        tmp_path: Path, script: Callable[..., ScriptedModel]) -> None:
+        engine: str, db: str, runtime: Callable[..., Any], request: pytest.FixtureRequest,
+        script: Callable[..., ScriptedModel]) -> None:
+    """On either engine: Temporal's trace is read from the run's journal, through a worker."""
     script(*LOOKUP_THEN_ANSWER)
-    db = tmp_path / "corral.db"
-    async with runtime(db) as rt:
+    async with runtime() as rt:
         handle = await rt.start(flow, "where is A-1?")
         await handle.result(timeout=30)
+        if engine == "temporal":  # (read while this worker serves the run's queue)
+            where = ["--engine", f"temporal://{rt.address}?task_queue={rt.task_queue}"]
+            text, as_json = [await corral_cli("runs", "show", handle.id, *where, *more)
+                             for more in ((), ("--json",))]
+    if engine == "embedded":
+        text, as_json = show(Path(db), handle.id), show(Path(db), handle.id, "--json")
 
-    text = show(db, handle.id)
     lines = text.splitlines()
     trace_at = lines.index(f"trace {trace_id_for(handle.id)}")
     tree = lines[trace_at + 1:trace_at + 7]
@@ -601,8 +677,7 @@ async def test_runs_show_prints_the_trace_tree_with_time_and_cost(
     [cost_line] = [line for line in lines if line.startswith("cost ")]
     assert "$0.000040" in cost_line and "tokens 20 in, 10 out" in cost_line
 
-    shown = json.loads(show(db, handle.id, "--json"))
-    trace = shown["trace"]
+    trace = json.loads(as_json)["trace"]
     assert trace["trace_id"] == trace_id_for(handle.id)
     assert sorted(s["name"] for s in trace["spans"]) == [
         "chat scripted", "chat scripted", "execute_tool lookup", "invoke_agent support",

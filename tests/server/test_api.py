@@ -138,7 +138,8 @@ def test_listing_filters_and_pages(server: Server) -> None:
         assert api.get("/v1/runs", params={"status": "failed"}).json()["runs"] == []
         for params, phrase in [({"status": "bogus"}, "status must be one of"),
                                ({"limit": "0"}, "limit must be an integer from 1 to 500"),
-                               ({"cursor": "not-one"}, "cursor is not one this server gave")]:
+                               ({"cursor": "not-one"}, "cursor is not one this server gave"),
+                               ({"workflow": "a\0b"}, "workflow cannot hold a NUL character")]:
             answer = api.get("/v1/runs", params=params)
             assert answer.status_code == 400 and phrase in answer.json()["error"]["message"]
 

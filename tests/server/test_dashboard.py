@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +40,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """`corral serve` with the dashboard's workflows, and an API key of tenant acme."""
+@pytest.fixture(scope="module", params=["embedded", "temporal"])
+def served(request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """`corral serve` with the dashboard's workflows, and an API key of tenant acme; on the
+    embedded engine, or on Temporal (the suite's dev server, a task queue of its own)."""
+    engine: list[str] = []
+    if request.param == "temporal":
+        address = request.getfixturevalue("temporal_server").address
+        engine = ["--engine", f"temporal://{address}?task_queue=dash-{uuid.uuid4().hex[:8]}"]
     folder = tmp_path_factory.mktemp("dashboard")
     db, log, port = folder / "corral.db", folder / "serve.log", _free_port()
     env = {k: v for k, v in os.environ.items() if k != "CORRAL_CONFIG"}
@@ -50,7 +57,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [*CORRAL, "serve", "--port", str(port), "--db", str(db),
-             "--workflows", str(HERE / "dashboard_workflows.py")],
+             "--workflows", str(HERE / "dashboard_workflows.py"), *engine],
             env=env, cwd=folder, stdout=out, stderr=subprocess.STDOUT)
     try:
         _until(lambda: _answers(url + "/healthz") == 200, 60,

@@ -994,6 +994,12 @@ class Runtime:
         """What the run has done so far: one entry per durable operation, in order."""
         return await self._call(self.store.journal, run_id)
 
+    async def trace(self, run_id: str
+                    ) -> tuple[list[RunRecord], dict[str, list[JournalEntry]], list[Span]]:
+        """The run and its children, their journals and their stored spans: what
+        `observability._traces.assemble` makes one tree of."""
+        return await self._call(self.store.trace, run_id)
+
     async def signal(self, run_id: str, name: str, value: Any = None) -> None:
         """Send a signal; the run receives it in ``ctx.wait_for(name)``, now or later."""
         if name.startswith("$"):

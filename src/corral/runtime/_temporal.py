@@ -60,8 +60,8 @@ from .._errors import (
 from .._serde import PydanticSerializationError, dumps, loads
 from ..observability._runs import STEPS
 from ..observability._spans import Span, run_span_id, step_span_id, trace_id_for
-from ..observability._traces import child_parent, run_span
-from ..observability._tracing import OpenSpan, current_span, step_span
+from ..observability._traces import child_parent, journal_span, run_span
+from ..observability._tracing import OpenSpan, current_span
 from ..observability._tracing import installed as installed_tracing
 from ..stores import JournalEntry, RunRecord
 from ..stores.blobs import BlobStore
@@ -139,6 +139,11 @@ class _Record:
         self.span = span
         """A step's span as its body described it: [name, attributes, parent span id]."""
 
+    def row(self, key: str) -> tuple[Any, ...]:
+        """The record as the journal query answers it (and continue-as-new carries it)."""
+        return (key, self.kind, self.name, self.status, self.value, self.attempts, self.at,
+                self.started, self.span)
+
 
 class _TemporalRun:
     """A run as the Temporal workflow holds it: the state `Context` works on."""
@@ -205,8 +210,12 @@ class _TemporalRun:
         if started is None:
             earlier = self.journal.get(key)
             started = earlier.started if earlier is not None else now
-        self.journal[key] = _Record(kind, name, status, value, attempts, now, started, span)
+        record = self.journal[key] = _Record(kind, name, status, value, attempts, now,
+                                             started, span)
         self.activity += 1
+        if status != "pending" and kind != "now" and not workflow.unsafe.is_replaying():
+            _export(self.trace_id, [_record_span(self.id, self.trace_id, _entry(record.row(key)),
+                                                 span)])
 
     # -- spans of workflow code (see observability._tracing.workflow_span) --------------------
 
@@ -234,7 +243,7 @@ class _TemporalRun:
 
     def _waiting(self, name: str, change: int) -> None:
         """Count a wait for signal ``name``; the run's CorralWaitingOn lists the names."""
-        if name.startswith("$"):
+        if name.startswith("$") or not workflow.in_workflow():  # (not: evicted, unwinding)
             return
         self.waits[name] = self.waits.get(name, 0) + change
         if not self.waits[name]:
@@ -258,8 +267,7 @@ class _TemporalRun:
             call = {"step": step.name, "origin": step.origin, "workflow": self.wf.name,
                     "ref": self.wf.ref, "key": f"{self.id}/{key}",
                     "args": to_jsonable_python(args), "kwargs": to_jsonable_python(kwargs),
-                    "tenant": self.tenant, "trace_id": self.trace_id,
-                    "parent": parent.span_id if parent is not None else None}
+                    "tenant": self.tenant, "trace_id": self.trace_id}
         except PydanticSerializationError as exc:
             raise UsageError(
                 f"step {step.name!r}: on the Temporal engine a step's arguments travel to the "
@@ -292,7 +300,8 @@ class _TemporalRun:
                 # is a non-determinism error, as on the embedded engine
                 activity_id=f"{key} {step.name}", summary=step.name,
             )
-            outcome = await handle  # (attempt, result, span); before 0.x: (attempt, result)
+            # (attempt, result, span); workers of earlier versions answer (attempt, result)
+            outcome = await handle
         except tex.ActivityError as exc:
             cause = exc.cause
             if isinstance(cause, tex.CancelledError):
@@ -426,8 +435,7 @@ class _TemporalRun:
         return child_value(wf, outcome)
 
     def entries(self) -> list[tuple[Any, ...]]:
-        return [(k, e.kind, e.name, e.status, e.value, e.attempts, e.at, e.started, e.span)
-                for k, e in self.journal.items()]
+        return [e.row(k) for k, e in self.journal.items()]
 
     def carry(self) -> dict[str, Any]:
         """The arguments of this run's next history: its journal and unread signals."""
@@ -645,8 +653,7 @@ async def run_step(call: dict[str, Any]) -> tuple[int, str, list[Any] | None]:
     last = info.attempt >= step.retry.max_attempts
     beat = asyncio.create_task(_heartbeat(info.heartbeat_timeout))
     run_id = info.workflow_id or ""
-    spans = _StepSpans(call.get("tenant"), call.get("trace_id") or trace_id_for(run_id),
-                       call.get("parent") or run_span_id(run_id))
+    spans = _StepSpans(call.get("tenant"), call.get("trace_id") or trace_id_for(run_id))
     current_step.set((run_id, call["workflow"], call["key"], spans))  # (its own context)
     started, failed = time.time(), True
     try:
@@ -669,17 +676,15 @@ async def run_step(call: dict[str, Any]) -> tuple[int, str, list[Any] | None]:
     finally:
         beat.cancel()
         STEPS.observe(step.name, "error" if failed else "ok", time.time() - started)
-        spans.export(run_id, call["key"], step.name, started, failed, info.attempt)
 
 
 class _StepSpans:
-    """A step's span on Temporal: each attempt is exported as it ends (activities are never
-    replayed), and what the body described goes back to the run's journal with the result."""
+    """What a step's body describes of its span, on Temporal: it goes back to the run with
+    the result, into the journal (the run exports the span, and its trace shows it)."""
 
-    def __init__(self, tenant: str | None, trace_id: str, parent: str) -> None:
+    def __init__(self, tenant: str | None, trace_id: str) -> None:
         self.tenant = tenant
         self.trace_id = trace_id
-        self.parent = parent
         self.name: str | None = None
         self.attributes: dict[str, Any] = {}
 
@@ -689,14 +694,6 @@ class _StepSpans:
     def describe(self, key: str, name: str | None, attributes: Mapping[str, Any]) -> None:
         self.name = name or self.name
         self.attributes.update(attributes)
-
-    def export(self, run_id: str, key: str, step: str, started: float, failed: bool,
-               attempt: int) -> None:
-        _export(self.trace_id, [step_span(
-            run_id, self.trace_id, f"{key}#{attempt}", self.name or f"step {step}", started,
-            time.time(), self.parent, "error" if failed else "ok", "",
-            {"corral.step": step, "corral.run.id": run_id, "corral.attempts": attempt,
-             **self.attributes})])
 
 
 async def _heartbeat(timeout: timedelta | None) -> None:
@@ -1148,7 +1145,7 @@ class TemporalRuntime:
             spans += [_span_of(trace_id, row) for row in workflow_spans]
             for row, entry in zip(rows, journals[run.id], strict=True):
                 if entry.kind == "step" and len(row) > 8 and row[8]:
-                    spans.append(_step_record_span(run.id, trace_id, entry, row[8]))
+                    spans.append(_record_span(run.id, trace_id, entry, row[8]))
                 if entry.kind == "child":
                     child = json.loads(entry.value or "{}")
                     child_id = child.get("id") or (child.get("value") or {}).get("id")
@@ -1199,26 +1196,31 @@ _QUERIES = {
 
 def _literal(text: str) -> str:
     """A string in a visibility query."""
+    if "\0" in text:  # (Temporal's SQL visibility fails on it, after retrying for seconds)
+        raise UsageError(f"a run filter cannot hold a NUL character, as {text[:40]!r} does")
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _entry(row: Sequence[Any]) -> JournalEntry:
-    """A journal entry from the run's query (workers before 0.x answer without start times)."""
+    """A journal entry from the run's query (workers of earlier versions answer without start
+    times)."""
     key, kind, name, status, value, attempts, at = row[:7]
     return JournalEntry(key=key, kind=kind, name=name, status=status, value=value,
                         started_at=row[7] if len(row) > 7 else at,
                         ended_at=None if status == "pending" else at, attempts=attempts)
 
 
-def _step_record_span(run_id: str, trace_id: str, entry: JournalEntry,
-                      described: Sequence[Any]) -> Span:
-    """A step's span from its journal record: the name and attributes its body gave it,
+def _record_span(run_id: str, trace_id: str, entry: JournalEntry,
+                 described: Sequence[Any] | None) -> Span:
+    """A journal record's span; a step's with the name and attributes its body gave it,
     under the span of workflow code it ran in."""
-    name, attributes, parent = described
-    failed = entry.status == "error"
-    return step_span(run_id, trace_id, entry.key, name or f"step {entry.name}",
-                     entry.started_at, entry.ended_at or entry.started_at,
-                     parent or run_span_id(run_id), "error" if failed else "ok",
-                     str(json.loads(entry.value or "{}").get("message", "")) if failed else "",
-                     {"corral.step": entry.name, "corral.run.id": run_id,
-                      "corral.attempts": entry.attempts, **attributes})
+    span = journal_span(run_id, trace_id, run_span_id(run_id), entry.key, entry.kind,
+                        entry.name, entry.status, entry.value, entry.started_at,
+                        entry.ended_at, entry.attempts)
+    if described:
+        name, attributes, parent = described
+        span.name, span.parent_id = name or span.name, parent or span.parent_id
+        span.attributes.update(attributes)
+        if "error.type" in attributes:
+            span.status = "error"
+    return span

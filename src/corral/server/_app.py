@@ -266,6 +266,9 @@ def create_app(rt: Any, settings: Settings) -> Starlette:
             raise ApiError(400, f"status must be one of {', '.join(STATUSES)}, not {status!r}",
                            "invalid_request")
         limit = _int(q.get("limit"), 50, 1, 500, "limit")
+        for name in ("workflow", "tenant"):
+            if "\0" in q.get(name, ""):
+                raise ApiError(400, f"{name} cannot hold a NUL character", "invalid_request")
         tenant = principal.tenant if principal.tenant is not None else q.get("tenant") or None
         runs, next_cursor = await reads.list_runs(
             status=status, workflow=q.get("workflow") or None, limit=limit, tenant=tenant,
