@@ -43,8 +43,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module", params=["embedded", "temporal"])
 def served(request: pytest.FixtureRequest,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """`corral serve` with the dashboard's workflows, and an API key of tenant acme; on the
-    embedded engine, or on Temporal (the suite's dev server, a task queue of its own)."""
+    """`corral serve` with the dashboard's workflows, and an API key of a tenant of its own; on
+    the embedded engine, or on Temporal (the suite's dev server, whose namespace the other
+    tests' servers share: the tenant keeps their runs out of this dashboard)."""
     engine: list[str] = []
     if request.param == "temporal":
         address = request.getfixturevalue("temporal_server").address
@@ -63,7 +64,8 @@ def served(request: pytest.FixtureRequest,
         _until(lambda: _answers(url + "/healthz") == 200, 60,
                lambda: f"corral serve did not come up: {log.read_text()}", process)
         # `corral keys create` prints the key once; the server reloads keys every 2 s
-        created = subprocess.run([*CORRAL, "keys", "create", "--tenant", "acme", "--json"],
+        created = subprocess.run([*CORRAL, "keys", "create", "--tenant",
+                                  f"dash-{uuid.uuid4().hex[:8]}", "--json"],
                                  env=env, cwd=folder, capture_output=True, text=True)
         assert created.returncode == 0, created.stderr
         key = json.loads(created.stdout)["key"]
