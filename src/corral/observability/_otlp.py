@@ -55,6 +55,9 @@ _KEYS: dict[str, bytes] = {}  # attribute key -> KeyValue.key field, tag and len
 _KEYS_MAX = 4096  # (keys are few and repeat; a program that makes them up is not cached)
 _FIELDS: dict[tuple[str, str | bool], bytes] = {}  # (key, value) -> Span.attributes field
 _FIELDS_MAX = 4096  # (emptied when full: run ids come and go)
+_INTS: dict[tuple[str, int], bytes] = {}  # (key, int value) -> Span.attributes field
+_NAMES: dict[str, bytes] = {}  # span name -> Span.name field, tag and length included
+_STATUSES = {status: b"\x7a\x02" + code for status, code in _CODES.items()}  # (no message)
 
 
 def _varint(n: int) -> bytes:
@@ -133,21 +136,41 @@ def _pair(key: str, value: Any) -> bytes:
     return _varint(len(pair)) + pair
 
 
-def _attributes(attributes: Mapping[str, Any]) -> list[bytes]:
-    """Span.attributes fields. A string or bool attribute is looked up whole: a run's spans
-    repeat the same workflow, step, tenant and model over and over."""
-    out = []
-    for key, value in attributes.items():
-        if type(key) is str and (type(value) is str or type(value) is bool):
-            field = _FIELDS.get((key, value))
-            if field is None:
-                if len(_FIELDS) >= _FIELDS_MAX:
-                    _FIELDS.clear()
-                field = _FIELDS[key, value] = b"\x4a" + _pair(key, value)
-        else:
-            field = b"\x4a" + _pair(key, value)
+def _attributes(attributes: Mapping[str, Any], out: list[bytes]) -> None:
+    """Span.attributes fields, appended to ``out``. A string, bool or int attribute is looked
+    up whole: a run's spans repeat the same run id, workflow, step, tenant, attempt and model
+    over and over. (Ints have a cache of their own: ``1 == True``.)"""
+    fields, ints = _FIELDS, _INTS
+    for item in attributes.items():  # (the item is the cache key: no tuple to build)
+        key, value = item
+        kind = type(value)
+        cache: dict[Any, bytes] | None = None
+        if type(key) is str:
+            if kind is str or kind is bool:
+                cache = fields
+            elif kind is int:
+                cache = ints
+        if cache is None:
+            out.append(b"\x4a" + _pair(key, value))
+            continue
+        field = cache.get(item)
+        if field is None:
+            if len(cache) >= _FIELDS_MAX:
+                cache.clear()
+            field = cache[item] = b"\x4a" + _pair(key, value)
         out.append(field)
-    return out
+
+
+def _name(name: str) -> bytes:
+    """The Span.name field, tag and length included."""
+    field = _NAMES.get(name)
+    if field is None:
+        data = _text(name)
+        field = b"\x2a" + _varint(len(data)) + data
+        if len(_NAMES) >= _FIELDS_MAX:
+            _NAMES.clear()
+        _NAMES[name] = field
+    return field
 
 
 def _span(span: Span) -> bytes:
@@ -166,15 +189,16 @@ def _span(span: Span) -> bytes:
         times = _TIMES(0x39, int(span.start * 1e9), 0x41, int(span.end * 1e9))
     except (struct.error, OverflowError) as e:  # (negative; NaN is a ValueError already)
         raise ValueError(f"span {span.name!r} has times {span.start!r}..{span.end!r}") from e
-    name = _text(span.name)
-    parts = [ids, b"\x2a", _varint(len(name)), name, _KINDS.get(span.kind, b""), times]
+    name = _NAMES.get(span.name) or _name(span.name)
+    parts = [ids, name, _KINDS.get(span.kind, b""), times]
     if span.attributes:
-        parts += _attributes(span.attributes)
-    code = _CODES.get(span.status, b"")
-    if code or span.message:
+        _attributes(span.attributes, parts)
+    if span.message:
         message = _text(span.message)
-        status = (b"\x12" + _varint(len(message)) + message if message else b"") + code
+        status = b"\x12" + _varint(len(message)) + message + _CODES.get(span.status, b"")
         parts += (b"\x7a", _varint(len(status)), status)
+    else:
+        parts.append(_STATUSES.get(span.status, b""))
     body = b"".join(parts)
     return b"\x12" + _varint(len(body)) + body
 

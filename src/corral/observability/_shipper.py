@@ -51,6 +51,8 @@ RESTART_AFTER = 30.0
 """A shipper that dies is started again by its worker, at most this often (seconds)."""
 ROUND_ROWS = 1024
 """Rows read per table per round (sent in requests of the exporter's ``max_batch`` spans)."""
+RUNS_KEPT = 8192
+"""Runs whose ids a shipper keeps from round to round (all forgotten past this many)."""
 NICE = 10
 """The shipper's niceness: when the cores are busy, the worker runs first and the shipper
 catches up when they are not (the spans wait in the store meanwhile)."""
@@ -69,6 +71,9 @@ class Shipper:
         self.rows = rows
         self.cursor = store.export_cursor(exporter.endpoint, time.time())
         self.saved = time.monotonic()
+        # (run id, its stored trace id): (trace id, its span id, sampled), kept from round to
+        # round: a run's entries and its end are often read in different rounds
+        self.runs: dict[tuple[str, str | None], tuple[str, str, bool]] = {}
 
     def ship(self) -> int | None:
         """One round: how many rows it went past (0: nothing new), or None when the collector
@@ -78,27 +83,31 @@ class Shipper:
             if time.monotonic() - self.saved > 60:  # (an idle endpoint is not a stale one)
                 self._save(self.cursor)
             return 0
-        spans = [span for _, span in got.spans if self.sampled(span.trace_id)]
-        ids: dict[str, tuple[str, str, bool]] = {}  # run id: (trace id, its span id, sampled)
-        for _, run_id, entry in got.entries:
-            if entry.ended_at is None or entry.kind == "now":
+        sampled = self.sampled
+        spans = [span for _, span in got.spans if sampled(span.trace_id)]
+        runs = self.runs
+        if len(runs) > RUNS_KEPT:
+            runs.clear()
+        described, traces = got.described, got.traces
+        for _, run_id, key, kind, name, status, value, started, ended, attempts in got.entries:
+            if ended is None or kind == "now":
                 continue  # (a pending entry is replaced, with a new rowid, when it ends)
-            if got.described and (run_id, step_span_id(run_id, entry.key)) in got.described:
+            if described and (run_id, step_span_id(run_id, key)) in described:
                 continue  # the stored span is the richer one
-            run = ids.get(run_id)
+            run = runs.get(ids := (run_id, traces.get(run_id)))
             if run is None:
-                trace_id = got.traces.get(run_id) or trace_id_for(run_id)
-                run = ids[run_id] = (trace_id, run_span_id(run_id), self.sampled(trace_id))
+                run = runs[ids] = self._ids(*ids)
             if run[2]:
-                spans.append(journal_span(
-                    run_id, run[0], run[1], entry.key, entry.kind, entry.name, entry.status,
-                    entry.value, entry.started_at, entry.ended_at, entry.attempts))
+                spans.append(journal_span(run_id, run[0], run[1], key, kind, name, status,
+                                          value, started, ended, attempts))
         for _, record in got.ended:
-            trace_id = record.trace_id or trace_id_for(record.id)
-            if self.sampled(trace_id):
+            run = runs.get(ids := (record.id, record.trace_id))
+            if run is None:
+                run = runs[ids] = self._ids(*ids)
+            if run[2]:
                 parent = (child_parent(record.id, record.parent_id) if record.parent_id
                           else None)
-                spans.append(run_span(record.id, trace_id, record.workflow, parent,
+                spans.append(run_span(record.id, run[0], record.workflow, parent,
                                       record.tenant, record.created_at,
                                       record.started_at or record.created_at, record.ended_at,
                                       record.status, record.error))
@@ -111,6 +120,12 @@ class Shipper:
                     got.spans[-1][0] if got.spans else stored,
                     got.ended[-1][0] if got.ended else ends))
         return len(got.entries) + len(got.spans) + len(got.ended)
+
+    def _ids(self, run_id: str, trace_id: str | None) -> tuple[str, str, bool]:
+        """A run's trace id (the stored one, else derived), its span's id, and whether its
+        trace is sampled."""
+        trace_id = trace_id or trace_id_for(run_id)
+        return trace_id, run_span_id(run_id), self.sampled(trace_id)
 
     def _save(self, cursor: tuple[int, int, int]) -> None:
         self.store.save_export_cursor(self.exporter.endpoint, cursor, time.time())

@@ -17,6 +17,8 @@ COMPONENTS = ("queue", "model", "tool", "retrieval", "waiting", "steps")
 _COMPONENT = {"chat": "model", "text_completion": "model", "embeddings": "model",
               "execute_tool": "tool", "retrieval": "retrieval", "wait": "waiting",
               "step": "steps"}
+_ENTRY_STATUS = {"ok": "ok", "error": "error"}  # a journal entry's status: its span's
+_RUN_STATUS = {"completed": "ok", "failed": "error", "cancelled": "error"}  # a run's: its span's
 
 
 def journal_span(run_id: str, trace_id: str, parent: str, key: str, kind: str, name: str,
@@ -49,7 +51,7 @@ def journal_span(run_id: str, trace_id: str, parent: str, key: str, kind: str, n
         attributes["corral.pending"] = True
     return Span(trace_id=trace_id, span_id=step_span_id(run_id, key), parent_id=parent,
                 name=title, start=started, end=started if ended is None else ended,
-                status={"ok": "ok", "error": "error"}.get(status, "unset"), message=message,
+                status=_ENTRY_STATUS.get(status, "unset"), message=message,
                 attributes=attributes)
 
 
@@ -75,8 +77,7 @@ def run_span(run_id: str, trace_id: str, workflow: str, parent: str | None, tena
     return Span(trace_id=trace_id, span_id=run_span_id(run_id), parent_id=parent,
                 name=f"invoke_workflow {workflow}", start=created,
                 end=ended if ended is not None else max(created, started or created),
-                status={"completed": "ok", "failed": "error", "cancelled": "error"}.get(
-                    status, "unset"),
+                status=_RUN_STATUS.get(status, "unset"),
                 message=message, attributes=attributes)
 
 

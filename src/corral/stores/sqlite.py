@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from hashlib import blake2b
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._errors import RunFinished, RunNotFound, StoreError, UsageError
 from ..observability._spans import Span
@@ -141,15 +141,35 @@ _ESCAPED = "\x02"  # {"\x02": {marker: value}}: the user's own dict that looks l
 _MARKERS = frozenset({_REF, _CHUNKS, _ESCAPED})
 
 
+EntryRow = tuple[int, str, str, str, str, str, str | None, float, float | None, int]
+"""A journal row as the shipper reads it: (rowid, run id, key, kind, name, status, value (a
+child's or an error's only), started at, ended at, attempts)."""
+
+
+class RunEnd(NamedTuple):
+    """What a run's span needs of a run that ended (`Committed.ended`)."""
+
+    id: str
+    workflow: str
+    parent_id: str | None
+    tenant: str | None
+    status: str
+    error: str | None
+    created_at: float
+    started_at: float | None
+    ended_at: float | None
+    trace_id: str | None
+
+
 @dataclass
 class Committed:
     """What a span shipper reads in one round (`SQLiteStore.committed_since`)."""
 
-    entries: list[tuple[int, str, JournalEntry]] = field(default_factory=list)
-    """(rowid, run id, entry)."""
+    entries: list[EntryRow] = field(default_factory=list)
+    """The journal rows, as they are read: no object per row."""
     spans: list[tuple[int, Span]] = field(default_factory=list)
     """(rowid, span): the stored spans."""
-    ended: list[tuple[int, RunRecord]] = field(default_factory=list)
+    ended: list[tuple[int, RunEnd]] = field(default_factory=list)
     """(seq, run): runs that ended."""
     traces: dict[str, str | None] = field(default_factory=dict)
     """The entries' runs' trace ids (None: derived from the run id)."""
@@ -716,25 +736,22 @@ class SQLiteStore(Store):
         with self._guard() as db:
             db.execute("BEGIN")  # one snapshot for the three
             try:
-                for (rowid, run_id, key, kind, name, status, value, enc, started, ended,
-                     attempts) in db.execute(
-                        "SELECT rowid, run_id, key, kind, name, status, CASE WHEN kind = 'child'"
-                        " OR status = 'error' THEN value END, enc, started_at, ended_at,"
-                        " attempts FROM journal WHERE rowid > ? ORDER BY rowid LIMIT ?",
-                        (journal, limit)):  # (a span reads the value of those two only)
-                    if enc and value is not None:
-                        value = self._expand(db, value)
-                    out.entries.append((rowid, run_id, JournalEntry(
-                        key=key, kind=kind, name=name, status=status, value=value,
-                        started_at=started, ended_at=ended, attempts=attempts)))
+                rows = db.execute(
+                    "SELECT rowid, run_id, key, kind, name, status, CASE WHEN kind = 'child'"
+                    " OR status = 'error' THEN value END, started_at, ended_at, attempts, enc"
+                    " FROM journal WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                    (journal, limit)).fetchall()  # (a span reads the value of those two only)
+                out.entries = [row[:10] if not row[10] or row[6] is None else
+                               (*row[:6], self._expand(db, row[6]), *row[7:10]) for row in rows]
                 out.spans = [(rowid, Span(**json.loads(data))) for rowid, data in db.execute(
                     "SELECT rowid, data FROM spans WHERE rowid > ? ORDER BY rowid LIMIT ?",
                     (spans, limit))]
-                run_cols = ", ".join(f"r.{c.strip()}" for c in _RUN_COLUMNS.split(","))
-                out.ended = [(row[0], _run(row[1:])) for row in db.execute(
-                    f"SELECT e.seq, {run_cols} FROM run_ends e JOIN runs r ON r.id = e.run_id"
-                    " WHERE e.seq > ? ORDER BY e.seq LIMIT ?", (ends, limit))]
-                run_ids = sorted({run_id for _, run_id, _ in out.entries})
+                out.ended = [(row[0], RunEnd._make(row[1:])) for row in db.execute(
+                    "SELECT e.seq, r.id, r.workflow, r.parent_id, r.tenant, r.status, r.error,"
+                    " r.created_at, r.started_at, r.ended_at, r.trace_id FROM run_ends e"
+                    " JOIN runs r ON r.id = e.run_id WHERE e.seq > ? ORDER BY e.seq LIMIT ?",
+                    (ends, limit))]  # (not the input nor the result: a span has neither)
+                run_ids = sorted({row[1] for row in rows})
                 for chunk in _chunks(run_ids):
                     marks = ",".join("?" * len(chunk))
                     out.traces.update(db.execute(
