@@ -51,6 +51,10 @@ RESTART_AFTER = 30.0
 """A shipper that dies is started again by its worker, at most this often (seconds)."""
 ROUND_ROWS = 1024
 """Rows read per table per round (sent in requests of the exporter's ``max_batch`` spans)."""
+SAVE_EVERY = 1.0
+"""The cursor is written at most this often (seconds), and when the shipper stops: a busy
+worker's commits do not queue behind one write of it per round. A shipper killed in between
+sends what it sent since again, with the same span ids."""
 RUNS_KEPT = 8192
 """Runs whose ids a shipper keeps from round to round (all forgotten past this many)."""
 NICE = 10
@@ -69,7 +73,7 @@ class Shipper:
         self.exporter = exporter
         self.sampled = Tracing(sample=sample).sampled
         self.rows = rows
-        self.cursor = store.export_cursor(exporter.endpoint, time.time())
+        self.cursor = self.stored = store.export_cursor(exporter.endpoint, time.time())
         self.saved = time.monotonic()
         # (run id, its stored trace id): (trace id, its span id, sampled), kept from round to
         # round: a run's entries and its end are often read in different rounds
@@ -80,8 +84,9 @@ class Shipper:
         could not take them (nothing moved; try again later)."""
         got = self.store.committed_since(self.cursor, self.rows)
         if not (got.entries or got.spans or got.ended):
-            if time.monotonic() - self.saved > 60:  # (an idle endpoint is not a stale one)
-                self._save(self.cursor)
+            # (caught up: keep where; and an idle endpoint is not a stale one)
+            if self.cursor != self.stored or time.monotonic() - self.saved > 60:
+                self.save()
             return 0
         sampled = self.sampled
         spans = [span for _, span in got.spans if sampled(span.trace_id)]
@@ -116,9 +121,11 @@ class Shipper:
             if not self.exporter.deliver(spans[i:i + size]):
                 return None  # (requests already taken are sent again: the same span ids)
         journal, stored, ends = self.cursor
-        self._save((got.entries[-1][0] if got.entries else journal,
-                    got.spans[-1][0] if got.spans else stored,
-                    got.ended[-1][0] if got.ended else ends))
+        self.cursor = (got.entries[-1][0] if got.entries else journal,
+                       got.spans[-1][0] if got.spans else stored,
+                       got.ended[-1][0] if got.ended else ends)
+        if time.monotonic() - self.saved >= SAVE_EVERY:
+            self.save()
         return len(got.entries) + len(got.spans) + len(got.ended)
 
     def _ids(self, run_id: str, trace_id: str | None) -> tuple[str, str, bool]:
@@ -127,9 +134,10 @@ class Shipper:
         trace_id = trace_id or trace_id_for(run_id)
         return trace_id, run_span_id(run_id), self.sampled(trace_id)
 
-    def _save(self, cursor: tuple[int, int, int]) -> None:
-        self.store.save_export_cursor(self.exporter.endpoint, cursor, time.time())
-        self.cursor, self.saved = cursor, time.monotonic()
+    def save(self) -> None:
+        """Write the cursor: what the collector has taken."""
+        self.store.save_export_cursor(self.exporter.endpoint, self.cursor, time.time())
+        self.stored, self.saved = self.cursor, time.monotonic()
 
 
 def _lock_path(db: str, endpoint: str) -> Path:
@@ -170,6 +178,7 @@ def run(settings: dict[str, Any], stopping: threading.Event) -> None:
                     return  # (what is left goes with the next shipper)
                 time.sleep(0.05)
         store = SQLiteStore(settings["db"], durability="process")
+        shipper = None
         try:
             shipper = Shipper(store, exporter, settings.get("sample", 1.0))
             failures = 0
@@ -196,7 +205,14 @@ def run(settings: dict[str, Any], stopping: threading.Event) -> None:
                     return
                 stopping.wait(interval)
         finally:
-            store.close()
+            try:
+                if shipper is not None and shipper.cursor != shipper.stored:
+                    shipper.save()  # (what it sent since its last write)
+            except Exception:
+                log.exception("span shipper could not save its cursor; what it sent since "
+                              "its last save will be sent again")
+            finally:
+                store.close()
     finally:
         exporter.close(timeout=1.0)
         os.close(fd)  # (releases the lock)
