@@ -8,8 +8,9 @@ another core instead, by tailing the store: journal entries, stored spans and ru
 cursor, in commit order, built into spans, sampled by trace id, sent in requests of max_batch.
 The cursor (the ``exports`` table, one row per endpoint) moves only once the collector has taken
 the spans, so a collector that is down, or a shipper killed mid-round, loses nothing: the
-spans wait in the store and go when it answers again (a round cut between the collector's
-answer and the cursor's update is sent twice, with the same span ids).
+spans wait in the store and go when it answers again. The cursor is written at most once a
+second and when the shipper stops (a write per round held up a busy worker's commits): what a
+killed shipper sent since its last write is sent again, with the same span ids.
 
 A worker starts its shipper when it opens and stops it when it closes (the shipper sends what
 is committed by then, for up to ``STOP_TIMEOUT`` seconds; what is left goes with the next
