@@ -56,15 +56,29 @@ class Timings(Collector):
     def _fold(self) -> None:
         seen, self._seen = self._seen, []
         batches, self._rows, self._held = self._rows, [], 0
-        for rows in batches:  # (run id, key, kind, name, status, value, started, ended, tries)
-            seen.extend((row[3], row[4], row[7] - row[6]) for row in rows
-                        if row[2] == "step" and row[7] is not None)
         for name, status, seconds in seen:
-            counts = self.series.get((name, status))
-            if counts is None:
-                counts = self.series[(name, status)] = [0.0] * (len(BUCKETS) + 2)
-            counts[bisect_left(BUCKETS, seconds)] += 1
-            counts[-1] += seconds
+            observed = self._counts(name, status)
+            observed[bisect_left(BUCKETS, seconds)] += 1
+            observed[-1] += seconds
+        last: tuple[str, str] | None = None
+        counts: list[float] = []
+        for rows in batches:  # (run id, key, kind, name, status, value, started, ended, tries)
+            for row in rows:  # (every step of every batch: no tuple made per row)
+                if row[2] != "step" or row[7] is None:
+                    continue
+                if last is None or row[3] != last[0] or row[4] != last[1]:
+                    last = (row[3], row[4])  # (a batch repeats its steps' names)
+                    counts = self._counts(*last)
+                seconds = row[7] - row[6]
+                counts[bisect_left(BUCKETS, seconds)] += 1
+                counts[-1] += seconds
+
+    def _counts(self, name: str, status: str) -> list[float]:
+        """The buckets of (name, status), then the sum of the seconds."""
+        counts = self.series.get((name, status))
+        if counts is None:
+            counts = self.series[(name, status)] = [0.0] * (len(BUCKETS) + 2)
+        return counts
 
     def collect(self) -> Iterator[Metric]:
         self._fold()
