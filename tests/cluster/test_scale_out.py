@@ -332,3 +332,18 @@ def test_a_sqlite_url_works_for_the_shared_database(tmp_path: Path) -> None:
     blobs.put({b"h" * 16: b"data"})
     assert blobs.get([b"h" * 16, b"x" * 16]) == {b"h" * 16: b"data"}
     blobs.close()
+
+
+async def test_search_attributes_it_cannot_register_stop_the_runtime_saying_how(
+        temporal_server: TemporalDevServer) -> None:
+    """corral lists runs by its search attributes: a namespace where it cannot register them
+    (here: one that does not exist) stops the runtime at open, naming the commands to run."""
+    from corral.runtime._temporal import TemporalRuntime
+
+    runtime = TemporalRuntime(temporal_server.address, namespace="no-such-namespace")
+    with pytest.raises(corral.StoreError) as raised:
+        await runtime.open()
+    message = str(raised.value)
+    assert "no-such-namespace" in message
+    assert ("temporal operator search-attribute create --namespace no-such-namespace "
+            "--name CorralTenant --type Keyword") in message

@@ -879,7 +879,8 @@ class TemporalRuntime:
                 f"--name {name} --type {types[kind]}" for name, kind in SEARCH_ATTRIBUTES.items())
             raise StoreError(
                 f"corral lists runs by its search attributes, and Temporal at {self.address} "
-                f"did not let it register them ({exc.message}); an operator can: {commands}",
+                f"did not let it register them ({exc.message}); an operator can: {commands} "
+                "(on Temporal Cloud: tcld namespace search-attributes add)",
                 address=self.address,
             ) from None
 
