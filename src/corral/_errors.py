@@ -35,6 +35,10 @@ class UsageError(CorralError):
     """The program used corral wrongly: fix the code or the command line."""
 
 
+class InvalidCursor(UsageError):
+    """A cursor (or page token) for listing runs that the lister did not give."""
+
+
 class WorkflowNotFound(UsageError):
     """A workflow reference points at no file, module or function."""
 

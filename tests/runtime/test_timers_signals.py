@@ -139,14 +139,15 @@ async def test_a_signal_sent_before_the_wait_is_buffered(runtime: Any) -> None:
 
 
 async def test_a_signal_sent_while_the_run_waits_in_memory(
-    runtime: Any, wait_until: Any
+    runtime: Any, engine: str, wait_until: Any
 ) -> None:
     async with runtime(idle_after=60) as rt:
         handle = await rt.start(waits_for_approval)
         await wait_until(has_pending_wait(rt, handle.id, "approval"),
                          what="the run to wait")
         # (in a worker's memory: running on the embedded engine, listed waiting on Temporal)
-        assert await status(rt, handle.id) in ("running", "waiting")
+        expected = {"embedded": "running", "temporal": "waiting"}[engine]
+        await wait_until(lambda: _is(rt, handle.id, expected), what=f"the run {expected}")
 
         await rt.signal(handle.id, "approval", "yes")
 
@@ -382,3 +383,7 @@ async def test_a_signal_value_of_the_wrong_type_is_a_clear_error_the_workflow_ca
     await rt.signal(handle.id, "n", "abc")
     await rt.signal(handle.id, "n", 7)
     assert await handle.result(timeout=5) == 7
+
+
+async def _is(rt: Any, run_id: str, expected: str) -> bool:
+    return await status(rt, run_id) == expected

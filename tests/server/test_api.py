@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -142,6 +143,15 @@ def test_listing_filters_and_pages(server: Server) -> None:
                                ({"workflow": "a\0b"}, "workflow cannot hold a NUL character")]:
             answer = api.get("/v1/runs", params=params)
             assert answer.status_code == 400 and phrase in answer.json()["error"]["message"]
+        forged = base64.urlsafe_b64encode(json.dumps(  # (well formed: a page token, a date)
+            ["bm90LWEtcGFnZS10b2tlbg==", ""] if server.engine == "temporal"
+            else [1e9, "run"]).encode()).decode()
+        for cursor in ("not-one", forged[:-4]):
+            answer = api.get("/v1/runs", params={"cursor": cursor})
+            assert (answer.status_code, answer.json()["error"]["code"]) == (400, "invalid_cursor")
+        if server.engine == "temporal":  # (a page token Temporal would not have given)
+            answer = api.get("/v1/runs", params={"cursor": forged})
+            assert (answer.status_code, answer.json()["error"]["code"]) == (400, "invalid_cursor")
 
 
 @pytest.mark.parametrize(("body", "status_code", "phrase"), [

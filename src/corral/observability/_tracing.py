@@ -49,6 +49,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("corral.observability")
 
+CONTENT_KEYS = frozenset({"gen_ai.input.messages", "gen_ai.output.messages",
+                          "gen_ai.tool.call.arguments", "gen_ai.tool.call.result"})
+"""The attributes that carry content, only with ``content = true`` (and redacted)."""
+
 
 class SpanSink(Protocol):
     """Where a step's span goes: the run executing it (embedded) or the exporter (Temporal)."""

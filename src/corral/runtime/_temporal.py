@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import contextvars
 import json
+import logging
 import time
 import traceback
 from collections import deque
@@ -44,12 +45,14 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
+    WorkflowQueryFailedError,
 )
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from .._errors import (
     CorralError,
+    InvalidCursor,
     NonDeterminismError,
     RunConflict,
     RunFinished,
@@ -61,7 +64,7 @@ from .._serde import PydanticSerializationError, dumps, loads
 from ..observability._runs import STEPS
 from ..observability._spans import Span, run_span_id, step_span_id, trace_id_for
 from ..observability._traces import child_parent, journal_span, run_span
-from ..observability._tracing import OpenSpan, current_span
+from ..observability._tracing import CONTENT_KEYS, OpenSpan, current_span
 from ..observability._tracing import installed as installed_tracing
 from ..stores import JournalEntry, RunRecord
 from ..stores.blobs import BlobStore
@@ -91,6 +94,7 @@ from ._definitions import (
 )
 
 O = TypeVar("O")  # noqa: E741
+log = logging.getLogger("corral.runtime")
 
 WORKFLOW = "corral.run"
 STEP = "corral.step"
@@ -139,10 +143,20 @@ class _Record:
         self.span = span
         """A step's span as its body described it: [name, attributes, parent span id]."""
 
-    def row(self, key: str) -> tuple[Any, ...]:
-        """The record as the journal query answers it (and continue-as-new carries it)."""
-        return (key, self.kind, self.name, self.status, self.value, self.attempts, self.at,
-                self.started, self.span)
+    def row(self, key: str) -> tuple[str, str, str, str, str, int, float]:
+        """The record as the journal query answers it and continue-as-new carries it (the
+        shape every version of corral reads; the rest goes in `timing`)."""
+        return key, self.kind, self.name, self.status, self.value, self.attempts, self.at
+
+    def timing(self) -> list[Any] | None:
+        """When it started and the span its step described, if they say more than `row`."""
+        return None if self.started == self.at and not self.span else [self.started, self.span]
+
+    def entry(self, key: str) -> JournalEntry:
+        return JournalEntry(key=key, kind=self.kind, name=self.name, status=self.status,
+                            value=self.value, started_at=self.started,
+                            ended_at=None if self.status == "pending" else self.at,
+                            attempts=self.attempts)
 
 
 class _TemporalRun:
@@ -154,8 +168,9 @@ class _TemporalRun:
         self.wf = wf
         self.args = args
         self.options: dict[str, Any] = args["options"]
+        timing = args.get("timing") or {}
         self.journal: dict[str, _Record] = {
-            e[0]: _Record(*e[1:]) for e in args.get("journal", ())
+            e[0]: _Record(*e[1:7], *(timing.get(e[0]) or ())) for e in args.get("journal", ())
         }
         self.inbox: dict[str, deque[Any]] = {}
         for name, value in args.get("signals", ()):
@@ -214,7 +229,7 @@ class _TemporalRun:
                                              started, span)
         self.activity += 1
         if status != "pending" and kind != "now" and not workflow.unsafe.is_replaying():
-            _export(self.trace_id, [_record_span(self.id, self.trace_id, _entry(record.row(key)),
+            _export(self.trace_id, [_record_span(self.id, self.trace_id, record.entry(key),
                                                  span)])
 
     # -- spans of workflow code (see observability._tracing.workflow_span) --------------------
@@ -243,7 +258,7 @@ class _TemporalRun:
 
     def _waiting(self, name: str, change: int) -> None:
         """Count a wait for signal ``name``; the run's CorralWaitingOn lists the names."""
-        if name.startswith("$") or not workflow.in_workflow():  # (not: evicted, unwinding)
+        if name.startswith("$"):
             return
         self.waits[name] = self.waits.get(name, 0) + change
         if not self.waits[name]:
@@ -267,7 +282,7 @@ class _TemporalRun:
             call = {"step": step.name, "origin": step.origin, "workflow": self.wf.name,
                     "ref": self.wf.ref, "key": f"{self.id}/{key}",
                     "args": to_jsonable_python(args), "kwargs": to_jsonable_python(kwargs),
-                    "tenant": self.tenant, "trace_id": self.trace_id}
+                    "tenant": self.tenant, "trace_id": self.trace_id, "describe": True}
         except PydanticSerializationError as exc:
             raise UsageError(
                 f"step {step.name!r}: on the Temporal engine a step's arguments travel to the "
@@ -383,8 +398,12 @@ class _TemporalRun:
                 try:
                     await _unscoped(workflow.wait_condition(lambda: bool(inbox),
                                                             timeout=remaining))
-                finally:
+                except GeneratorExit:  # evicted from the worker's cache: no more commands
+                    raise
+                except BaseException:
                     self._waiting(signal, -1)
+                    raise
+                self._waiting(signal, -1)
         except TimeoutError:
             pass
         except asyncio.CancelledError:
@@ -434,14 +453,18 @@ class _TemporalRun:
         self._record(key, "child", wf.name, "ok", json.dumps(outcome))
         return child_value(wf, outcome)
 
-    def entries(self) -> list[tuple[Any, ...]]:
+    def entries(self) -> list[tuple[str, str, str, str, str, int, float]]:
         return [e.row(k) for k, e in self.journal.items()]
+
+    def timings(self) -> dict[str, list[Any]]:
+        return {k: t for k, e in self.journal.items() if (t := e.timing()) is not None}
 
     def carry(self) -> dict[str, Any]:
         """The arguments of this run's next history: its journal and unread signals."""
         return {
             **self.args,
             "journal": self.entries(),
+            "timing": self.timings(),
             "spans": list(self.spans.values()),
             "signals": [(name, v) for name, queue in self.inbox.items() for v in queue],
         }
@@ -507,12 +530,16 @@ class CorralRun:
             self.run.inbox.setdefault(name, deque()).append(value)
 
     @workflow.query(name="corral.journal")
-    def journal(self) -> list[tuple[Any, ...]]:
+    def journal(self) -> list[tuple[str, str, str, str, str, int, float]]:
         return self.run.entries() if self.run is not None else []
 
-    @workflow.query(name="corral.spans")
-    def spans(self) -> list[list[Any]]:
-        return list(self.run.spans.values()) if self.run is not None else []
+    @workflow.query(name="corral.trace")
+    def trace(self) -> dict[str, Any]:
+        """What the journal query does not say: when entries started, what steps described,
+        and the spans of workflow code."""
+        if self.run is None:
+            return {"timing": {}, "spans": []}
+        return {"timing": self.run.timings(), "spans": list(self.run.spans.values())}
 
     @workflow.run
     async def execute(self, args: dict[str, Any]) -> str:
@@ -539,7 +566,11 @@ class CorralRun:
             run.cancel_requested = True
             task.cancel()
         if not task.done() and not run.cancel_requested:
-            workflow.continue_as_new(run.carry())
+            # (its waits start again in the next history, and list themselves again there)
+            kept = [pair for pair in workflow.info().typed_search_attributes
+                    if pair.key.name in (TENANT.name, WORKFLOW_NAME.name)]
+            workflow.continue_as_new(run.carry(), search_attributes=(
+                temporalio.common.TypedSearchAttributes(kept)))
         try:
             text: str = await task
         except asyncio.CancelledError:
@@ -624,9 +655,10 @@ def _scope_tasks(loop: asyncio.AbstractEventLoop) -> None:
 
 
 @activity.defn(name=STEP)
-async def run_step(call: dict[str, Any]) -> tuple[int, str, list[Any] | None]:
+async def run_step(call: dict[str, Any]) -> tuple[Any, ...]:
     """Run one attempt of a step (Temporal retries it under the step's policy); return the
-    attempt's number, the result as JSON and what the step's body described of its span."""
+    attempt's number, the result as JSON and, when the run asks (``describe``: workflow code
+    of earlier versions unpacks two), what the step's body described of its span."""
     info = activity.info()
     try:
         resolve(call["workflow"], call["ref"])  # loads the module that defines the steps
@@ -659,7 +691,9 @@ async def run_step(call: dict[str, Any]) -> tuple[int, str, list[Any] | None]:
     try:
         value = await step.once(args, kwargs, call["key"])
         failed = False
-        return info.attempt, dumps(value).decode(), spans.described()
+        if call.get("describe"):
+            return info.attempt, dumps(value).decode(), spans.described()
+        return info.attempt, dumps(value).decode()
     except PydanticSerializationError as exc:
         raise tex.ApplicationError(
             f"returned a value corral cannot store as JSON ({exc}); return JSON-compatible "
@@ -689,7 +723,10 @@ class _StepSpans:
         self.attributes: dict[str, Any] = {}
 
     def described(self) -> list[Any] | None:
-        return [self.name, self.attributes] if self.name or self.attributes else None
+        """The name and attributes, without content (prompts, answers, tool arguments): it
+        would go into the run's history, and every later history with it."""
+        attributes = {k: v for k, v in self.attributes.items() if k not in CONTENT_KEYS}
+        return [self.name, attributes] if self.name or attributes else None
 
     def describe(self, key: str, name: str | None, attributes: Mapping[str, Any]) -> None:
         self.name = name or self.name
@@ -861,8 +898,17 @@ class TemporalRuntime:
         """corral's search attributes, in the namespace once (an operator may have to)."""
         client = self._client()
         try:
-            have = await client.operator_service.list_search_attributes(
-                ListSearchAttributesRequest(namespace=self.namespace))
+            try:
+                have = await client.operator_service.list_search_attributes(
+                    ListSearchAttributesRequest(namespace=self.namespace))
+            except RPCError as exc:
+                if exc.status not in (RPCStatusCode.PERMISSION_DENIED,
+                                      RPCStatusCode.UNIMPLEMENTED):
+                    raise
+                log.warning("cannot list the search attributes of namespace %s (%s): corral "
+                            "takes it that an operator registered %s", self.namespace,
+                            exc.message, ", ".join(SEARCH_ATTRIBUTES))
+                return
             missing = {name: kind for name, kind in SEARCH_ATTRIBUTES.items()
                        if name not in have.custom_attributes}
             if missing:
@@ -998,15 +1044,23 @@ class TemporalRuntime:
             desc = await self._workflow(run_id).describe()
         except RPCError as exc:
             raise self._not_found(run_id, exc) from None
-        return await self._filled(self._record(desc, await desc.memo()))
+        if desc.workflow_type != WORKFLOW:  # (another application's, in the same namespace)
+            raise RunNotFound(f"no run {run_id!r}; list runs with `corral runs ls`",
+                              run_id=run_id)
+        return await self._filled(self._record(desc, await desc.memo()), desc)
 
-    async def _filled(self, record: RunRecord) -> RunRecord:
+    async def _filled(self, record: RunRecord, desc: Any = None) -> RunRecord:
         """The record with its input (from its history's first event) and, once it has
-        ended, its result or error."""
+        ended, its result or error. A running run's queued-or-running is decided from its
+        description (``desc``, else asked for: a listing's history length is the one it had
+        when last indexed)."""
         async def outcome() -> None:
             if record.finished:
                 record.status, record.result, failure = await self._outcome(record.id)
                 record.error = json.dumps(failure) if failure else None
+            elif record.status in ("queued", "running"):
+                taken = (desc or await self._workflow(record.id).describe()).history_length > 2
+                record.status = "running" if taken else "queued"
 
         async def given() -> None:
             async for event in self._workflow(record.id).fetch_history_events(page_size=1):
@@ -1015,7 +1069,10 @@ class TemporalRuntime:
                 record.input = args["input"]
                 break
 
-        await asyncio.gather(outcome(), given())
+        try:
+            await asyncio.gather(outcome(), given())
+        except RPCError as exc:
+            raise self._not_found(record.id, exc) from None
         return record
 
     async def list_runs(self, *, status: str | None = None, workflow: str | None = None,
@@ -1048,14 +1105,20 @@ class TemporalRuntime:
         try:
             await listing.fetch_next_page()
         except RPCError as exc:
+            if token is not None and exc.status not in (RPCStatusCode.UNAVAILABLE,
+                                                        RPCStatusCode.DEADLINE_EXCEEDED):
+                raise InvalidCursor(f"Temporal refused the page token ({exc.message})") from None
             raise StoreError(f"Temporal at {self.address} failed to list runs: {exc}; retry "
                              "when it is up") from None
         found = [self._record(e, await e.memo()) for e in listing.current_page or ()]
-        if status == "running":  # (not yet taken by a worker: queued)
-            found = [r for r in found if r.status == "running"]
-        elif status == "queued":
-            found = [r for r in found if r.status == "queued"]
-        return list(await asyncio.gather(*map(self._filled, found))), listing.next_page_token
+        filled = await asyncio.gather(*map(self._filled, found), return_exceptions=True)
+        for outcome in filled:  # (a run the retention removed since it was listed is left out)
+            if isinstance(outcome, BaseException) and not isinstance(outcome, RunNotFound):
+                raise outcome
+        runs = [r for r in filled if isinstance(r, RunRecord)]
+        if status in ("queued", "running"):  # (both are Running in visibility)
+            runs = [r for r in runs if r.status == status]
+        return runs, listing.next_page_token
 
     def _record(self, desc: Any, memo: Mapping[str, Any]) -> RunRecord:
         status = _STATUS.get(desc.status, "running") if desc.status else "running"
@@ -1101,9 +1164,9 @@ class TemporalRuntime:
             status = {"Running": "running", "Completed": "completed",
                       "Canceled": "cancelled"}.get(str(group.group_values[0]), "failed")
             runs[status] = runs.get(status, 0) + group.count
-        if waiting.count:
+        if waiting.count:  # (two queries: runs may end between them)
             runs["waiting"] = waiting.count
-            runs["running"] = runs.get("running", 0) - waiting.count
+            runs["running"] = max(0, runs.get("running", 0) - waiting.count)
         depth = sum(b.stats.approximate_backlog_count for b in backlogs)
         age = max(b.stats.approximate_backlog_age.ToTimedelta().total_seconds()
                   for b in backlogs)
@@ -1117,9 +1180,15 @@ class TemporalRuntime:
         """What the run has done so far (asked of the run itself, through a worker)."""
         return [_entry(row) for row in await self._query(run_id, "corral.journal")]
 
-    async def _query(self, run_id: str, name: str) -> Any:
+    async def _query(self, run_id: str, name: str, unknown: Any = None) -> Any:
+        """Ask the run (through a worker); ``unknown``: what a worker that does not know the
+        query answers (one of an earlier version), else its failure is raised."""
         try:
             return await self._workflow(run_id).query(name)
+        except WorkflowQueryFailedError:
+            if unknown is None:
+                raise
+            return unknown
         except RPCError as exc:
             if exc.status == RPCStatusCode.FAILED_PRECONDITION:
                 raise StoreError(
@@ -1138,15 +1207,17 @@ class TemporalRuntime:
         todo = [run_id]
         while todo:
             run = await self.get(todo.pop(0))
-            rows, workflow_spans = await asyncio.gather(self._query(run.id, "corral.journal"),
-                                                        self._query(run.id, "corral.spans"))
+            rows, more = await asyncio.gather(self._query(run.id, "corral.journal"),
+                                              self._query(run.id, "corral.trace", {}))
             runs.append(run)
             trace_id = run.trace_id or trace_id_for(run.id)
-            journals[run.id] = [_entry(row) for row in rows]
-            spans += [_span_of(trace_id, row) for row in workflow_spans]
-            for row, entry in zip(rows, journals[run.id], strict=True):
-                if entry.kind == "step" and len(row) > 8 and row[8]:
-                    spans.append(_record_span(run.id, trace_id, entry, row[8]))
+            timing = more.get("timing") or {}
+            journals[run.id] = [_entry(row, timing.get(row[0])) for row in rows]
+            spans += [_span_of(trace_id, row) for row in more.get("spans") or ()]
+            for entry in journals[run.id]:
+                described = (timing.get(entry.key) or (None, None))[1]
+                if entry.kind == "step" and described:
+                    spans.append(_record_span(run.id, trace_id, entry, described))
                 if entry.kind == "child":
                     child = json.loads(entry.value or "{}")
                     child_id = child.get("id") or (child.get("value") or {}).get("id")
@@ -1202,12 +1273,12 @@ def _literal(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _entry(row: Sequence[Any]) -> JournalEntry:
-    """A journal entry from the run's query (workers of earlier versions answer without start
-    times)."""
+def _entry(row: Sequence[Any], timing: Sequence[Any] | None = None) -> JournalEntry:
+    """A journal entry from the run's journal query, with its start from the trace query
+    (without it, the entry starts when it ended)."""
     key, kind, name, status, value, attempts, at = row[:7]
     return JournalEntry(key=key, kind=kind, name=name, status=status, value=value,
-                        started_at=row[7] if len(row) > 7 else at,
+                        started_at=timing[0] if timing else at,
                         ended_at=None if status == "pending" else at, attempts=attempts)
 
 

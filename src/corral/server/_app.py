@@ -33,7 +33,14 @@ from starlette.responses import JSONResponse, RedirectResponse, Response, Stream
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .._errors import CorralError, RunConflict, RunFinished, RunNotFound, UsageError
+from .._errors import (
+    CorralError,
+    InvalidCursor,
+    RunConflict,
+    RunFinished,
+    RunNotFound,
+    UsageError,
+)
 from ..observability._traces import assemble, summarize
 from ..observability._tracing import parse_traceparent
 from ..runtime import Workflow
@@ -270,9 +277,12 @@ def create_app(rt: Any, settings: Settings) -> Starlette:
             if "\0" in q.get(name, ""):
                 raise ApiError(400, f"{name} cannot hold a NUL character", "invalid_request")
         tenant = principal.tenant if principal.tenant is not None else q.get("tenant") or None
-        runs, next_cursor = await reads.list_runs(
-            status=status, workflow=q.get("workflow") or None, limit=limit, tenant=tenant,
-            cursor=q.get("cursor") or None)
+        try:
+            runs, next_cursor = await reads.list_runs(
+                status=status, workflow=q.get("workflow") or None, limit=limit, tenant=tenant,
+                cursor=q.get("cursor") or None)
+        except InvalidCursor as exc:
+            raise ApiError(400, str(exc), "invalid_cursor") from None
         return JSONResponse({"runs": [r.as_dict() for r in runs if principal.sees(r)],
                              "next_cursor": next_cursor})
 

@@ -10,12 +10,15 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from .._errors import RunNotFound, UsageError
+from .._errors import InvalidCursor, RunNotFound
 from ..observability._runs import render, run_metrics
 from ..observability._spans import Span
 from ..stores import JournalEntry, RunRecord, SQLiteStore
 
 Trace = tuple[list[RunRecord], dict[str, list[JournalEntry]], list[Span]]
+
+
+BAD_CURSOR = "cursor is not one this server gave (use next_cursor as is)"
 
 
 class EmbeddedReads:
@@ -99,9 +102,12 @@ class TemporalReads:
     async def list_runs(self, *, status: str | None, workflow: str | None, limit: int,
                         tenant: str | None, cursor: str | None
                         ) -> tuple[list[RunRecord], str | None]:
-        token = base64.urlsafe_b64decode(_decode(cursor, str)[0]) if cursor else None
-        runs, following = await self.rt.page(status=status, workflow=workflow, limit=limit,
-                                             tenant=tenant, all_queues=True, token=token)
+        token = _page_token(cursor) if cursor else None
+        try:
+            runs, following = await self.rt.page(status=status, workflow=workflow, limit=limit,
+                                                 tenant=tenant, all_queues=True, token=token)
+        except InvalidCursor:
+            raise InvalidCursor(BAD_CURSOR) from None
         next_cursor = None
         if following:
             next_cursor = _encode([base64.urlsafe_b64encode(following).decode(), ""])
@@ -135,6 +141,18 @@ def _encode(value: Sequence[Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(list(value)).encode()).decode()
 
 
+def _page_token(cursor: str) -> bytes:
+    """Temporal's page token in a cursor: a JSON object (visibility's position), checked here so
+    that a made-up one is refused at once rather than after Temporal's retries."""
+    try:
+        token = base64.urlsafe_b64decode(_decode(cursor, str)[0])
+        if isinstance(json.loads(token), dict):
+            return token
+    except ValueError:
+        pass
+    raise InvalidCursor(BAD_CURSOR)
+
+
 def _decode(text: str, kind: type) -> tuple[Any, str]:
     """A cursor this server gave: (when the last run was created, its id) on the embedded
     engine, (Temporal's page token, "") on Temporal."""
@@ -144,4 +162,4 @@ def _decode(text: str, kind: type) -> tuple[Any, str]:
             raise ValueError(first)
         return kind(first), str(second)
     except Exception:
-        raise UsageError("cursor is not one this server gave (use next_cursor as is)") from None
+        raise InvalidCursor(BAD_CURSOR) from None
