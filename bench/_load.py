@@ -3,9 +3,14 @@ open-loop pacing in Lua."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import socket
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -64,3 +69,42 @@ def tree_cpu_seconds(pid: int, root: bool = True) -> float:
                 tree.add(child)
                 frontier.append(child)
     return sum(times.get(p, 0.0) for p in tree)
+
+
+class OTLPSink(http.server.BaseHTTPRequestHandler):
+    """A collector's stand-in: keeps the bodies POSTed to .../v1/traces (200), and on GET
+    /stats answers ``stats(bodies)`` for what arrived since the last /stats, then forgets it.
+    Subclasses set ``stats`` (a staticmethod)."""
+
+    protocol_version = "HTTP/1.1"  # (keep-alive, as a collector does)
+    bodies: list[tuple[str, bytes]] = []
+    lock = threading.Lock()
+    stats: Callable[[list[tuple[str, bytes]]], dict[str, Any]]
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _answer(self, status: int, body: bytes = b"", kind: str = "application/x-protobuf"
+                ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if not self.path.endswith("/v1/traces"):
+            self._answer(404)
+            return
+        with self.lock:
+            self.bodies.append((self.headers.get("Content-Encoding", ""), body))
+        self._answer(200)
+
+    def do_GET(self) -> None:
+        if self.path != "/stats":
+            self._answer(404)
+            return
+        with self.lock:
+            bodies, self.bodies[:] = list(self.bodies), []
+        self._answer(200, json.dumps(self.stats(bodies)).encode(), "application/json")

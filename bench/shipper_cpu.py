@@ -35,11 +35,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from _load import OTLPSink
+from runtime_throughput import three_steps
 
 import corral
 from corral.observability._otlp import OTLPExporter
@@ -50,47 +52,7 @@ from corral.stores.sqlite import SQLiteStore
 STEPS_PER_RUN = 3
 
 
-@corral.step
-async def add(x: int, y: int) -> int:
-    return x + y
-
-
-@corral.workflow
-async def three_steps(ctx: corral.Context, n: int) -> int:
-    a = await add(n, 1)
-    b = await add(a, 1)
-    return await add(b, 1)
-
-
 # -- the OTLP receiver (a child process) ---------------------------------------------------------
-
-class _Receiver(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # (keep-alive, as a collector does)
-    bodies: list[tuple[str, bytes]] = []
-    lock = threading.Lock()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _answer(self, status: int, body: bytes = b"", kind: str = "application/x-protobuf"
-                ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        with self.lock:
-            self.bodies.append((self.headers.get("Content-Encoding", ""), body))
-        self._answer(200)
-
-    def do_GET(self) -> None:  # /stats: what arrived since the last /stats, then forget it
-        with self.lock:
-            bodies, self.bodies[:] = list(self.bodies), []
-        self._answer(200, json.dumps(_digest(bodies)).encode(), "application/json")
-
 
 def _digest(bodies: list[tuple[str, bytes]]) -> dict[str, Any]:
     """Requests, bytes, spans, distinct span ids and a hash of the spans (each serialized
@@ -121,6 +83,10 @@ def _digest(bodies: list[tuple[str, bytes]]) -> dict[str, Any]:
         digest.update(len(part).to_bytes(4, "big") + part)
     return {"requests": len(bodies), "bytes": sum(len(b) for _, b in bodies),
             "spans": len(spans), "unique_spans": len(ids), "sha256": digest.hexdigest()[:16]}
+
+
+class _Receiver(OTLPSink):
+    stats = staticmethod(_digest)
 
 
 def run_receiver() -> None:

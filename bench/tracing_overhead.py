@@ -48,12 +48,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import timeit
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from _load import OTLPSink
 
 import corral
 
@@ -184,40 +185,6 @@ def run_trial(args: argparse.Namespace) -> None:
 
 # -- the OTLP receiver (a child process) ---------------------------------------------------------
 
-class _Receiver(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # (keep-alive, as a collector does)
-    bodies: list[tuple[str, bytes]] = []
-    lock = threading.Lock()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _answer(self, status: int, body: bytes = b"", kind: str = "application/x-protobuf"
-                ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        if self.path != "/v1/traces":
-            self._answer(404)
-            return
-        with self.lock:
-            self.bodies.append((self.headers.get("Content-Encoding", ""), body))
-        self._answer(200)
-
-    def do_GET(self) -> None:  # /stats: what arrived since the last /stats, then forget it
-        if self.path != "/stats":
-            self._answer(404)
-            return
-        with self.lock:
-            bodies, self.bodies[:] = list(self.bodies), []
-        self._answer(200, json.dumps(_count(bodies)).encode(), "application/json")
-
-
 def _count(bodies: list[tuple[str, bytes]]) -> dict[str, Any]:
     stats: dict[str, Any] = {"requests": len(bodies), "bytes": sum(len(b) for _, b in bodies)}
     try:
@@ -241,6 +208,10 @@ def _count(bodies: list[tuple[str, bytes]]) -> dict[str, Any]:
                 ids.update((s.trace_id, s.span_id) for s in scope.spans)
     stats.update(spans=spans, unique_spans=len(ids), undecodable=undecodable)
     return stats
+
+
+class _Receiver(OTLPSink):
+    stats = staticmethod(_count)
 
 
 def run_receiver() -> None:
