@@ -29,6 +29,7 @@ the thread.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -41,7 +42,7 @@ from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._errors import UsageError
-from ._spans import AttributeValue, Span, step_span_id, trace_id_for
+from ._spans import AttributeValue, Span, run_span_id, step_span_id, trace_id_for
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -78,6 +79,27 @@ class OpenSpan:
         self.live = False
         """Something in it executed in this process, rather than replayed from the journal:
         it ends here, so it is emitted here."""
+
+    @classmethod
+    def opening(cls, run_id: str, scope: Any, name: str,
+                attributes: dict[str, AttributeValue]) -> OpenSpan:
+        """A span opening in a run. Where it opens (the key its first operation will take)
+        names it, so a replay of the run reopens the same span."""
+        return cls(name, step_span_id(run_id, f"span:{scope.prefix}{scope.n}:{name}"),
+                   current_span.get(), attributes)
+
+    def closed(self, run_id: str, trace_id: str, end: float,
+               failure: BaseException | None) -> Span:
+        """The span as it closes at ``end``, ``failure`` having left it (or not)."""
+        return Span(
+            trace_id=trace_id, span_id=self.span_id,
+            parent_id=self.parent.span_id if self.parent else run_span_id(run_id),
+            name=self.name, start=self.start, end=end,
+            status="error" if failure is not None else "ok",
+            message="cancelled" if isinstance(failure, asyncio.CancelledError)
+            else str(failure or ""),
+            attributes={**self.attributes, "corral.run.id": run_id,
+                        **({"error.type": type(failure).__name__} if failure else {})})
 
     def saw(self, started: float, live: bool) -> None:
         """A step under this span started at ``started`` (replayed steps carry the first

@@ -43,7 +43,7 @@ from .._errors import (
 from .._serde import PydanticSerializationError, dumps, loads
 from ..observability._runs import STEPS
 from ..observability._shipper import ShipperProcess, settings_for
-from ..observability._spans import Span, run_span_id, step_span_id, trace_id_for
+from ..observability._spans import Span, run_span_id, trace_id_for
 from ..observability._traces import child_parent, journal_span, run_span
 from ..observability._tracing import OpenSpan, Tracing, current_span, step_span
 from ..observability._tracing import installed as installed_tracing
@@ -226,24 +226,15 @@ class _Run:
             {"corral.step": step, "corral.run.id": self.id, **attributes})))
 
     def open_span(self, name: str, scope: _Scope, attributes: dict[str, Any]) -> OpenSpan:
-        # where the span opens in the run (the key its first operation will take) names it
-        span_id = step_span_id(self.id, f"span:{scope.prefix}{scope.n}:{name}")
-        return OpenSpan(name, span_id, current_span.get(), attributes)
+        return OpenSpan.opening(self.id, scope, name, attributes)
 
     def close_span(self, span: OpenSpan, failure: BaseException | None) -> None:
         if not span.live or isinstance(failure, _Evicted) or self.evicting:
             return  # replayed to its end (emitted before), or not ending: being evicted
         if span.parent is not None:
             span.parent.live = True
-        cancelled = isinstance(failure, asyncio.CancelledError)
-        self.rt._writer.batch.spans.append((self.id, Span(
-            trace_id=self.trace_id, span_id=span.span_id,
-            parent_id=span.parent.span_id if span.parent else run_span_id(self.id),
-            name=span.name, start=span.start, end=time.time(),
-            status="error" if failure is not None else "ok",
-            message="cancelled" if cancelled else str(failure or ""),
-            attributes={**span.attributes, "corral.run.id": self.id,
-                        **({"error.type": type(failure).__name__} if failure else {})})))
+        self.rt._writer.batch.spans.append(
+            (self.id, span.closed(self.id, self.trace_id, time.time(), failure)))
         self.rt._writer.pending()
 
     # -- the journal ------------------------------------------------------------------------
@@ -993,12 +984,6 @@ class Runtime:
     async def journal(self, run_id: str) -> list[JournalEntry]:
         """What the run has done so far: one entry per durable operation, in order."""
         return await self._call(self.store.journal, run_id)
-
-    async def trace(self, run_id: str
-                    ) -> tuple[list[RunRecord], dict[str, list[JournalEntry]], list[Span]]:
-        """The run and its children, their journals and their stored spans: what
-        `observability._traces.assemble` makes one tree of."""
-        return await self._call(self.store.trace, run_id)
 
     async def signal(self, run_id: str, name: str, value: Any = None) -> None:
         """Send a signal; the run receives it in ``ctx.wait_for(name)``, now or later."""

@@ -62,7 +62,7 @@ from .._errors import (
 )
 from .._serde import PydanticSerializationError, dumps, loads
 from ..observability._runs import STEPS
-from ..observability._spans import Span, run_span_id, step_span_id, trace_id_for
+from ..observability._spans import Span, run_span_id, trace_id_for
 from ..observability._traces import child_parent, journal_span, run_span
 from ..observability._tracing import CONTENT_KEYS, OpenSpan, current_span
 from ..observability._tracing import installed as installed_tracing
@@ -177,9 +177,9 @@ class _TemporalRun:
             self.inbox.setdefault(name, deque()).append(value)
         self.tenant: str | None = args.get("tenant")
         self.trace_id: str = args.get("trace_id") or trace_id_for(self.id)
-        self.spans: dict[str, list[Any]] = {s[0]: s for s in args.get("spans", ())}
-        """Spans of workflow code (an agent's loop) that closed: [id, parent, name, start,
-        end, status, message, attributes]."""
+        self.spans: dict[str, dict[str, Any]] = {s["span_id"]: s
+                                                 for s in args.get("spans", ())}
+        """Spans of workflow code (an agent's loop) that closed, as `Span.as_dict` has them."""
         self.waits: dict[str, int] = {}
         self.extras: dict[str, Any] = {}
         self.activity = 0
@@ -235,8 +235,7 @@ class _TemporalRun:
     # -- spans of workflow code (see observability._tracing.workflow_span) --------------------
 
     def open_span(self, name: str, scope: _Scope, attributes: dict[str, Any]) -> OpenSpan:
-        span_id = step_span_id(self.id, f"span:{scope.prefix}{scope.n}:{name}")
-        span = OpenSpan(name, span_id, current_span.get(), attributes)
+        span = OpenSpan.opening(self.id, scope, name, attributes)
         span.start = workflow.now().timestamp()
         return span
 
@@ -245,16 +244,10 @@ class _TemporalRun:
         closes live rather than in a replay of the history."""
         if span.span_id in self.spans or isinstance(failure, GeneratorExit):
             return  # closed in an earlier history and replayed, or evicted from the cache
-        cancelled = isinstance(failure, asyncio.CancelledError)
-        attributes = {**span.attributes, "corral.run.id": self.id,
-                      **({"error.type": type(failure).__name__} if failure else {})}
-        row = [span.span_id, span.parent.span_id if span.parent else run_span_id(self.id),
-               span.name, span.start, workflow.now().timestamp(),
-               "error" if failure is not None else "ok",
-               "cancelled" if cancelled else str(failure or ""), attributes]
-        self.spans[span.span_id] = row
+        closed = span.closed(self.id, self.trace_id, workflow.now().timestamp(), failure)
+        self.spans[span.span_id] = closed.as_dict()
         if not workflow.unsafe.is_replaying():
-            _export(self.trace_id, [_span_of(self.trace_id, row)])
+            _export(self.trace_id, [closed])
 
     def _waiting(self, name: str, change: int) -> None:
         """Count a wait for signal ``name``; the run's CorralWaitingOn lists the names."""
@@ -610,13 +603,6 @@ def _export(trace_id: str, spans: list[Span]) -> None:
     tracing = installed_tracing()
     if tracing.exporter is not None and tracing.sampled(trace_id):
         tracing.export(spans)
-
-
-def _span_of(trace_id: str, row: Sequence[Any]) -> Span:
-    """A span of workflow code, from the row `_TemporalRun.close_span` keeps."""
-    span_id, parent, name, start, end, status, message, attributes = row
-    return Span(trace_id=trace_id, span_id=span_id, parent_id=parent, name=name, start=start,
-                end=end, status=status, message=message, attributes=attributes)
 
 
 def _described(described: Sequence[Any] | None, parent: OpenSpan | None) -> list[Any] | None:
@@ -1058,7 +1044,7 @@ class TemporalRuntime:
             if record.finished:
                 record.status, record.result, failure = await self._outcome(record.id)
                 record.error = json.dumps(failure) if failure else None
-            elif record.status in ("queued", "running"):
+            elif record.status == "running":  # (history length 2: no worker has taken it)
                 taken = (desc or await self._workflow(record.id).describe()).history_length > 2
                 record.status = "running" if taken else "queued"
 
@@ -1123,12 +1109,10 @@ class TemporalRuntime:
     def _record(self, desc: Any, memo: Mapping[str, Any]) -> RunRecord:
         status = _STATUS.get(desc.status, "running") if desc.status else "running"
         waiting_on: tuple[str, ...] = ()
-        if status == "running":
+        if status == "running":  # (or queued: see _filled)
             waiting_on = tuple(desc.typed_search_attributes.get(WAITING_ON) or ())
             if waiting_on:
                 status = "waiting"
-            elif desc.history_length <= 2:  # no worker has taken it yet
-                status = "queued"
         started = desc.start_time.timestamp()
         return RunRecord(
             id=desc.id, workflow=memo.get("workflow", "?"), ref=memo.get("ref", "?"),
@@ -1172,10 +1156,6 @@ class TemporalRuntime:
                   for b in backlogs)
         return runs, {self.task_queue: (depth, age if depth else 0.0)}
 
-    def awaiting(self) -> dict[str, tuple[str, ...]]:
-        """(On Temporal a waiting run is listed as waiting: none is only in memory.)"""
-        return {}
-
     async def journal(self, run_id: str) -> list[JournalEntry]:
         """What the run has done so far (asked of the run itself, through a worker)."""
         return [_entry(row) for row in await self._query(run_id, "corral.journal")]
@@ -1213,7 +1193,7 @@ class TemporalRuntime:
             trace_id = run.trace_id or trace_id_for(run.id)
             timing = more.get("timing") or {}
             journals[run.id] = [_entry(row, timing.get(row[0])) for row in rows]
-            spans += [_span_of(trace_id, row) for row in more.get("spans") or ()]
+            spans += [Span(**span) for span in more.get("spans") or ()]
             for entry in journals[run.id]:
                 described = (timing.get(entry.key) or (None, None))[1]
                 if entry.kind == "step" and described:
