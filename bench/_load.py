@@ -73,8 +73,8 @@ def tree_cpu_seconds(pid: int, root: bool = True) -> float:
 
 class OTLPSink(http.server.BaseHTTPRequestHandler):
     """A collector's stand-in: keeps the bodies POSTed to .../v1/traces (200), and on GET
-    /stats answers ``stats(bodies)`` for what arrived since the last /stats, then forgets it.
-    Subclasses set ``stats`` (a staticmethod)."""
+    /stats answers ``stats(bodies)`` for what arrived since the last /stats, then forgets it
+    (see `serve_sink`)."""
 
     protocol_version = "HTTP/1.1"  # (keep-alive, as a collector does)
     bodies: list[tuple[str, bytes]] = []
@@ -108,3 +108,12 @@ class OTLPSink(http.server.BaseHTTPRequestHandler):
         with self.lock:
             bodies, self.bodies[:] = list(self.bodies), []
         self._answer(200, json.dumps(self.stats(bodies)).encode(), "application/json")
+
+
+def serve_sink(stats: Callable[[list[tuple[str, bytes]]], dict[str, Any]]) -> None:
+    """An `OTLPSink` on a free port of 127.0.0.1, for ever; prints the port first."""
+    handler = type("Sink", (OTLPSink,), {"stats": staticmethod(stats)})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    print(server.server_address[1], flush=True)
+    server.serve_forever()

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import gzip
 import hashlib
-import http.server
 import json
 import os
 import platform
@@ -40,7 +39,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from _load import OTLPSink
+from _load import serve_sink
 from runtime_throughput import three_steps
 
 import corral
@@ -85,15 +84,6 @@ def _digest(bodies: list[tuple[str, bytes]]) -> dict[str, Any]:
             "spans": len(spans), "unique_spans": len(ids), "sha256": digest.hexdigest()[:16]}
 
 
-class _Receiver(OTLPSink):
-    stats = staticmethod(_digest)
-
-
-def run_receiver() -> None:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-    server.daemon_threads = True
-    print(server.server_address[1], flush=True)
-    server.serve_forever()
 
 
 def receiver_stats(port: int) -> dict[str, Any]:
@@ -192,7 +182,7 @@ def main() -> None:
     parser.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver:
-        return run_receiver()
+        return serve_sink(_digest)
 
     receiver = subprocess.Popen([sys.executable, __file__, "--receiver"],
                                 stdout=subprocess.PIPE, text=True)

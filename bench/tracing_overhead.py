@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import contextlib
 import gzip
-import http.server
 import json
 import os
 import platform
@@ -54,7 +53,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from _load import OTLPSink
+from _load import serve_sink
 
 import corral
 
@@ -210,15 +209,6 @@ def _count(bodies: list[tuple[str, bytes]]) -> dict[str, Any]:
     return stats
 
 
-class _Receiver(OTLPSink):
-    stats = staticmethod(_count)
-
-
-def run_receiver() -> None:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-    server.daemon_threads = True
-    print(server.server_address[1], flush=True)
-    server.serve_forever()
 
 
 # -- the pieces a step pays for (a child process, current code) ---------------------------------
@@ -363,7 +353,7 @@ def main() -> None:
     parser.add_argument("--micro", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver:
-        return run_receiver()
+        return serve_sink(_count)
     if args.trial:
         return run_trial(args)
     if args.micro:
