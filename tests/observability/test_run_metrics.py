@@ -91,16 +91,18 @@ async def test_on_temporal_runs_come_from_visibility_and_the_depth_from_the_back
 
     depth = ("corral_queue_depth", (("queue", queue),))
     age = ("corral_queue_oldest_age_seconds", (("queue", queue),))
+    running = ("corral_runs", (("status", "running"),))  # (not yet taken, on Temporal)
+    completed = ("corral_runs", (("status", "completed"),))
     async with temporal(worker=False) as rt:  # no worker takes them: they wait in the queue
+        before = await scraped(rt)  # (the namespace's counts: the other tests' runs too)
         handles = [await rt.start(job, n) for n in range(3)]
-        running = ("corral_runs", (("status", "running"),))  # (not yet taken, on Temporal)
         await until(rt, scraped, lambda m: m[depth] == 3 and m[age] > 0
-                    and m.get(running, 0) >= 3)
+                    and m.get(running, 0) >= before.get(running, 0) + 3)
     async with temporal(worker=True) as rt:
         assert [await h.result(timeout=30) for h in handles] == [0, 1, 2]
-        found = await until(rt, scraped, lambda m: m[depth] == 0)
+        found = await until(rt, scraped, lambda m: m[depth] == 0
+                            and m.get(completed, 0) >= before.get(completed, 0) + 3)
         assert found[age] == 0
-        assert found[("corral_runs", (("status", "completed"),))] >= 3
 
 
 async def until(rt: TemporalRuntime, read: Any, done: Any, timeout: float = 30) -> Any:
